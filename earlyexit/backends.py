@@ -1,0 +1,127 @@
+"""Which backends can run here, why not, and which one "auto" picks.
+
+Availability is decided once at import time (not per call) so that ``exit_check`` stays
+traceable by torch.compile: dynamo then sees plain dictionary lookups, never an import.
+"""
+
+import importlib
+import os
+
+import torch
+
+#: Every backend name the ops accept, besides "auto".
+BACKENDS = ("torch", "triton", "cpu", "cuda")
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated, so the value at import is the one in force.
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _probe_triton():
+    try:
+        triton = importlib.import_module("triton")
+    except Exception as e:  # ImportError, or a broken install raising something else
+        return None, f"triton is not importable ({type(e).__name__}: {e})"
+    return triton.__version__, None
+
+
+def _probe_extension():
+    try:
+        ext = importlib.import_module("earlyexit._C")
+    except ImportError as e:
+        return None, f"the C++ extension earlyexit._C is not built ({e})"
+    return ext, None
+
+
+TRITON_VERSION, _TRITON_REASON = _probe_triton()
+_EXT, _EXT_REASON = _probe_extension()
+
+
+def _compiled_cuda_archs():
+    if _EXT is None or not hasattr(torch.ops.earlyexit, "cuda_archs"):
+        return []
+    archs = torch.ops.earlyexit.cuda_archs()
+    return [a for a in archs.split(";") if a]
+
+
+CUDA_ARCHS = _compiled_cuda_archs()
+
+
+def unavailable_reason(backend, device_type):
+    """Why ``backend`` cannot run on tensors of ``device_type`` ("cpu"/"cuda"), or None if it can."""
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        if _TRITON_REASON:
+            return _TRITON_REASON
+        if device_type == "cuda":
+            return None
+        if device_type == "cpu":
+            return None if TRITON_INTERPRET else "triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before import)"
+        return f"triton does not support device type {device_type!r}"
+    if backend == "cpu":
+        if _EXT is None:
+            return _EXT_REASON
+        if device_type != "cpu":
+            return f"backend 'cpu' needs CPU tensors, got {device_type!r}"
+        return None
+    if backend == "cuda":
+        if _EXT is None:
+            return _EXT_REASON
+        if not CUDA_ARCHS:
+            return "the C++ extension was built without CUDA kernels"
+        if device_type != "cuda":
+            return f"backend 'cuda' needs CUDA tensors, got {device_type!r}"
+        return None
+    return f"unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}"
+
+
+def resolve(backend, device_type):
+    """Map a requested backend (possibly "auto") to a concrete one that can run, or raise.
+
+    Raises:
+        ValueError: ``backend`` is not a known name.
+        RuntimeError: the backend is known but cannot run here; the message says why.
+    """
+    if backend == "auto":
+        return auto_backend(device_type)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected 'auto' or one of {BACKENDS}, got {backend!r}")
+    reason = unavailable_reason(backend, device_type)
+    if reason is not None:
+        raise RuntimeError(f"backend {backend!r} cannot run on {device_type!r} tensors here: {reason}")
+    return backend
+
+
+def auto_backend(device_type):
+    """The backend "auto" picks for a device: the fastest one that can run.
+
+    CUDA: the Triton kernel (one fused launch, never materializes logits); the reference otherwise.
+    CPU: the reference (chunked GEMM + statistics); the Triton interpreter is for testing, never picked.
+    """
+    if device_type == "cuda" and unavailable_reason("triton", "cuda") is None:
+        return "triton"
+    return "torch"
+
+
+def build_info():
+    """A dict describing this install: versions, compiled parts, and each backend's availability.
+
+    Keys: ``version``, ``torch``, ``torch_cuda``, ``triton`` (None if missing), ``triton_interpret``,
+    ``cpu_ext`` (bool), ``cuda_archs`` (list of str, empty if none), ``cuda_available``, and
+    ``backends``: ``{name: {"cpu": reason_or_None, "cuda": reason_or_None}}`` where None means it runs.
+    """
+    from earlyexit import __version__
+
+    return {
+        "version": __version__,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": TRITON_VERSION,
+        "triton_interpret": TRITON_INTERPRET,
+        "cpu_ext": _EXT is not None,
+        "cuda_archs": list(CUDA_ARCHS),
+        "cuda_available": torch.cuda.is_available(),
+        "backends": {
+            name: {dev: unavailable_reason(name, dev) for dev in ("cpu", "cuda")} for name in BACKENDS
+        },
+    }

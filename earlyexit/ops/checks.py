@@ -1,0 +1,27 @@
+"""Argument checks shared by the ops: each raises ValueError naming the argument."""
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_tensor(name, x):
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+
+
+def check_float_dtype(name, x, allowed=FLOAT_DTYPES):
+    if x.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise ValueError(f"{name}: expected dtype {names}, got {str(x.dtype).replace('torch.', '')}")
+
+
+def check_same_device(reference_name, reference, **tensors):
+    for name, x in tensors.items():
+        if x is not None and x.device != reference.device:
+            raise ValueError(f"{name}: expected a tensor on {reference.device} (like {reference_name}), got {x.device}")
+
+
+def check_shape(name, x, expected):
+    if tuple(x.shape) != tuple(expected):
+        raise ValueError(f"{name}: expected shape {tuple(expected)}, got {tuple(x.shape)}")

@@ -1,0 +1,329 @@
+"""Fused exit check in Triton: RMSNorm + head GEMM + online softmax statistics + threshold.
+
+One launch per call. The grid is (row blocks, vocabulary splits), row blocks fastest so that the
+programs streaming the same weight slice run side by side and share it through L2. Each program
+reduces its vocabulary slice to per-row partials (running max m, s = sum exp(z - m),
+t = sum exp(z - m) * (z - m), top-1 value and index, top-2 value, a non-finite count) and writes
+them to a small workspace: O(N * splits) floats, never the [N, V] logits.
+
+Merging the partials happens in the same launch: after writing, each program bumps an atomic
+counter for its row block; the program that sees it reach n_splits - 1 (the last to finish)
+re-reads all partials in split order 0, 1, ... and merges them. The fixed order makes the result
+bitwise deterministic whichever program finishes last. A second merge kernel would cost a launch
+(~3-5 us at decode batch sizes, where the whole call is ~250 us for a 1 GiB head) for no gain, so
+the last-program pattern is used. That program also resets its counter to zero, so the counter
+buffer is allocated once per (device, stream) and never memset per call.
+
+Bytes moved per call (the floor at decode batch sizes): V*d*elt for the weight, read once;
+N*d*elt for the hidden rows, re-read from L2 for every vocabulary tile; O(N * splits) for partials.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+MEASURE_CODES = {"max_prob": 0, "margin": 1, "entropy": 2}
+_N_FIELDS = 6  # m, s, t, top1, top2, bad
+
+
+@triton.jit
+def _merge(m, s, t, top1, idx, top2, bm, bs, bt, b1, bi, b2):
+    """Merge the stats of two disjoint vocabulary ranges; the first holds the lower indices."""
+    new_m = tl.maximum(m, bm)
+    m_safe = tl.where(new_m == float("-inf"), 0.0, new_m)
+    alpha_a = tl.exp(m - m_safe)
+    alpha_b = tl.exp(bm - m_safe)
+    # s == 0 means "nothing finite seen yet" (m = -inf): its shift is zeroed so 0 * (-inf) never makes a NaN.
+    t_a = alpha_a * (t + s * tl.where(s > 0, m - m_safe, 0.0))
+    t_b = alpha_b * (bt + bs * tl.where(bs > 0, bm - m_safe, 0.0))
+    b_wins = b1 > top1  # strict: on ties the lower vocabulary index stays
+    n1 = tl.where(b_wins, b1, top1)
+    ni = tl.where(b_wins, bi, idx)
+    n2 = tl.where(b_wins, tl.maximum(top1, b2), tl.maximum(top2, b1))
+    return new_m, alpha_a * s + alpha_b * bs, t_a + t_b, n1, ni, n2
+
+
+@triton.jit
+def exit_check_kernel(
+    H,  # [N, d] hidden rows, row stride stride_h, unit column stride
+    W,  # [V, d] head weight, row stride stride_w
+    BIAS,  # [V] or dummy
+    NORM_W,  # [d] RMSNorm weight or dummy
+    THR,  # [N] float32 thresholds
+    TOKEN,  # [N] int64 out
+    EXIT,  # [N] bool out
+    CONF,  # [N] float32 out (the chosen measure)
+    MAXP,  # [N] float32 out
+    MARGIN,  # [N] float32 out
+    ENTROPY,  # [N] float32 out
+    LSE,  # [N] float32 out
+    PART_F,  # [row_blocks, n_splits, 6, BLOCK_N] float32 partials
+    PART_I,  # [row_blocks, n_splits, BLOCK_N] int32 top-1 indices
+    COUNTER,  # [>= row_blocks] int32, zero on entry, zero again on exit
+    N,
+    D,
+    V,
+    stride_h,
+    stride_w,
+    tiles_per_split,
+    n_splits,
+    eps,
+    temperature,
+    MEASURE: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    # int64 row offsets: N * stride_h and V * stride_w can pass 2^31.
+    h_rows = H + rows.to(tl.int64)[:, None] * stride_h
+    offs_d = tl.arange(0, BLOCK_D)
+
+    # Prologue: RMSNorm scale and a non-finite count per row (N * d reads, tiny next to the head).
+    sumsq = tl.zeros([BLOCK_N], dtype=tl.float32)
+    nonfinite = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k in range(0, D, BLOCK_D):
+        d_ok = (k + offs_d) < D
+        x = tl.load(h_rows + (k + offs_d)[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        x = x.to(tl.float32)
+        sumsq += tl.sum(x * x, axis=1)
+        nonfinite += tl.sum(tl.where((x == x) & (tl.abs(x) < float("inf")), 0.0, 1.0), axis=1)
+    inv_rms = 1.0 / tl.sqrt(sumsq / D + eps)
+
+    m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    s = tl.zeros([BLOCK_N], dtype=tl.float32)
+    t = tl.zeros([BLOCK_N], dtype=tl.float32)
+    top1 = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    top2 = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    idx = tl.zeros([BLOCK_N], dtype=tl.int32)
+    bad = nonfinite
+
+    offs_v = tl.arange(0, BLOCK_V)
+    first_tile = pid_s * tiles_per_split
+    for j in range(0, tiles_per_split):
+        cols = (first_tile + j) * BLOCK_V + offs_v
+        col_ok = cols < V
+        w_rows = W + cols.to(tl.int64)[:, None] * stride_w
+        acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+        for k in range(0, D, BLOCK_D):
+            d_ok = (k + offs_d) < D
+            x = tl.load(h_rows + (k + offs_d)[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            if HAS_NORM:
+                g = tl.load(NORM_W + k + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+                x = x.to(tl.float32) * inv_rms[:, None] * g[None, :]
+            x = x.to(W.dtype.element_ty)  # the MMA operand, rounded as the reference rounds it
+            w = tl.load(w_rows + (k + offs_d)[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            if UPCAST_DOT:
+                # The interpreter multiplies bf16 bit patterns in tl.dot: upcast (exact) there.
+                acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+        z = acc
+        if HAS_BIAS:
+            z += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        z = z / temperature
+        z = tl.where(col_ok[None, :], z, float("-inf"))
+        bad += tl.sum(tl.where((z != z) | (z == float("inf")), 1.0, 0.0), axis=1)
+
+        # Tile statistics, then merge into the running ones.
+        tm = tl.max(z, axis=1)
+        tm_safe = tl.where(tm == float("-inf"), 0.0, tm)
+        # -inf logits (masked tail, -inf bias) add exp(-inf) = 0 to s and, guarded, 0 to t.
+        shifted = tl.where(z == float("-inf"), 0.0, z - tm_safe[:, None])
+        e = tl.where(z == float("-inf"), 0.0, tl.exp(shifted))
+        ts = tl.sum(e, axis=1)
+        tt = tl.sum(e * shifted, axis=1)
+        ti = tl.min(tl.where(z == tm[:, None], cols[None, :], 2147483647), axis=1)
+        t2 = tl.max(tl.where(cols[None, :] == ti[:, None], float("-inf"), z), axis=1)
+        m, s, t, top1, idx, top2 = _merge(m, s, t, top1, idx, top2, tm, ts, tt, tm, ti, t2)
+
+    # Publish this split's partials.
+    offs_n = tl.arange(0, BLOCK_N)
+    slot = (pid_n * n_splits + pid_s).to(tl.int64)
+    pf = PART_F + slot * (_N_FIELDS * BLOCK_N) + offs_n
+    tl.store(pf + 0 * BLOCK_N, m)
+    tl.store(pf + 1 * BLOCK_N, s)
+    tl.store(pf + 2 * BLOCK_N, t)
+    tl.store(pf + 3 * BLOCK_N, top1)
+    tl.store(pf + 4 * BLOCK_N, top2)
+    tl.store(pf + 5 * BLOCK_N, bad)
+    tl.store(PART_I + slot * BLOCK_N + offs_n, idx)
+
+    # Every thread's stores must be issued before the (release) atomic that announces them.
+    tl.debug_barrier()
+    done = tl.atomic_add(COUNTER + pid_n, 1, sem="acq_rel")
+    if done == n_splits - 1:
+        m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+        s = tl.zeros([BLOCK_N], dtype=tl.float32)
+        t = tl.zeros([BLOCK_N], dtype=tl.float32)
+        top1 = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+        top2 = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+        idx = tl.zeros([BLOCK_N], dtype=tl.int32)
+        bad = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for sp in range(0, n_splits):
+            slot = (pid_n * n_splits + sp).to(tl.int64)
+            pf = PART_F + slot * (_N_FIELDS * BLOCK_N) + offs_n
+            # .cg: read through L2, where the other programs' stores landed, never a stale L1 line.
+            bm = tl.load(pf + 0 * BLOCK_N, cache_modifier=".cg")
+            bs = tl.load(pf + 1 * BLOCK_N, cache_modifier=".cg")
+            bt = tl.load(pf + 2 * BLOCK_N, cache_modifier=".cg")
+            b1 = tl.load(pf + 3 * BLOCK_N, cache_modifier=".cg")
+            b2 = tl.load(pf + 4 * BLOCK_N, cache_modifier=".cg")
+            bad += tl.load(pf + 5 * BLOCK_N, cache_modifier=".cg")
+            bi = tl.load(PART_I + slot * BLOCK_N + offs_n, cache_modifier=".cg")
+            m, s, t, top1, idx, top2 = _merge(m, s, t, top1, idx, top2, bm, bs, bt, b1, bi, b2)
+
+        log_s = tl.log(s)
+        lse = m + log_s
+        entropy = log_s - t / s
+        max_prob = tl.exp(top1 - lse)
+        margin = max_prob - tl.exp(top2 - lse)
+        valid = (bad == 0) & (lse == lse) & (tl.abs(lse) < float("inf"))
+        lse = tl.where(valid, lse, float("nan"))
+        entropy = tl.where(valid, entropy, float("nan"))
+        max_prob = tl.where(valid, max_prob, float("nan"))
+        margin = tl.where(valid, margin, float("nan"))
+        thr = tl.load(THR + rows, mask=row_ok, other=0.0)
+        if MEASURE == 0:
+            conf = max_prob
+            go = max_prob >= thr
+        elif MEASURE == 1:
+            conf = margin
+            go = margin >= thr
+        else:
+            conf = entropy
+            go = entropy <= thr
+        token = tl.where(valid, idx.to(tl.int64), -1)
+        tl.store(TOKEN + rows, token, mask=row_ok)
+        tl.store(EXIT + rows, go & valid, mask=row_ok)
+        tl.store(CONF + rows, conf, mask=row_ok)
+        tl.store(MAXP + rows, max_prob, mask=row_ok)
+        tl.store(MARGIN + rows, margin, mask=row_ok)
+        tl.store(ENTROPY + rows, entropy, mask=row_ok)
+        tl.store(LSE + rows, lse, mask=row_ok)
+        tl.store(COUNTER + pid_n, 0)  # ready for the next call on this stream
+
+
+# --------------------------------------------------------------------------------------------
+# Launch configuration
+# --------------------------------------------------------------------------------------------
+
+_SM_COUNT = {}
+_COUNTERS = {}
+
+
+def _sm_count(device):
+    if device.type != "cuda":
+        return 1
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SM_COUNT:
+        _SM_COUNT[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _SM_COUNT[key]
+
+
+def _counter(device, n):
+    """A zeroed int32 buffer of >= n counters for this (device, stream); the kernel re-zeroes it."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 64) if buf is None else max(n, 2 * buf.numel()), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
+def _pow2_at_least(x, lo):
+    return max(lo, triton.next_power_of_2(max(int(x), 1)))
+
+
+def exit_check_config(n, d, v, dtype, device, interpret):
+    """Block sizes and split count for one call, from (row bucket, d, V, dtype).
+
+    Returns a dict with BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages, n_splits, tiles_per_split.
+    BLOCK_N is at least 16, the MMA minimum; nothing assumes d or V are powers of two.
+    """
+    block_n = 16 if n <= 16 else (32 if n <= 32 else 64)
+    if interpret:
+        # numpy underneath: few, large tiles, and a few splits so the merge path is exercised.
+        block_v = min(256, _pow2_at_least(v, 16))
+        block_d = min(64, _pow2_at_least(d, 16))
+        num_warps, num_stages, target_programs = 4, 1, 3
+    else:
+        block_v = 128
+        block_d = 64 if dtype != torch.float32 else 32
+        num_warps = 4 if block_n <= 32 else 8
+        num_stages = 4 if dtype != torch.float32 else 3
+        target_programs = 2 * _sm_count(device)
+    row_blocks = triton.cdiv(n, block_n)
+    tiles = triton.cdiv(v, block_v)
+    n_splits = max(1, min(tiles, triton.cdiv(target_programs, row_blocks)))
+    tiles_per_split = triton.cdiv(tiles, n_splits)
+    n_splits = triton.cdiv(tiles, tiles_per_split)  # no empty splits
+    return dict(
+        BLOCK_N=block_n,
+        BLOCK_V=block_v,
+        BLOCK_D=block_d,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        n_splits=n_splits,
+        tiles_per_split=tiles_per_split,
+    )
+
+
+def exit_check_triton(hidden, weight, threshold, norm_weight, bias, measure, norm_eps, temperature, out, interpret):
+    """Launch the fused exit check on validated inputs, writing into ``out``.
+
+    hidden: [N, d] with unit column stride; weight: [V, d] with unit column stride, same dtype;
+    threshold: [N] float32 contiguous; norm_weight: [d] contiguous or None; bias: [V] contiguous or None;
+    out: (token int64, exit bool, confidence, max_prob, margin, entropy, lse float32), each [N] contiguous.
+    """
+    n, d = hidden.shape
+    v = weight.shape[0]
+    if n == 0:
+        return out
+    cfg = exit_check_config(n, d, v, hidden.dtype, hidden.device, interpret)
+    row_blocks = triton.cdiv(n, cfg["BLOCK_N"])
+    part_f = torch.empty(
+        (row_blocks, cfg["n_splits"], _N_FIELDS, cfg["BLOCK_N"]), dtype=torch.float32, device=hidden.device
+    )
+    part_i = torch.empty((row_blocks, cfg["n_splits"], cfg["BLOCK_N"]), dtype=torch.int32, device=hidden.device)
+    counter = _counter(hidden.device, row_blocks)
+    upcast = interpret and hidden.dtype == torch.bfloat16
+    exit_check_kernel[(row_blocks, cfg["n_splits"])](
+        hidden,
+        weight,
+        bias if bias is not None else hidden,
+        norm_weight if norm_weight is not None else hidden,
+        threshold,
+        *out,
+        part_f,
+        part_i,
+        counter,
+        n,
+        d,
+        v,
+        hidden.stride(0),
+        weight.stride(0),
+        cfg["tiles_per_split"],
+        cfg["n_splits"],
+        float(norm_eps),
+        float(temperature),
+        MEASURE=MEASURE_CODES[measure],
+        HAS_NORM=norm_weight is not None,
+        HAS_BIAS=bias is not None,
+        UPCAST_DOT=upcast,
+        DOT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32",
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_V=cfg["BLOCK_V"],
+        BLOCK_D=cfg["BLOCK_D"],
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
+    return out
