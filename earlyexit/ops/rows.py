@@ -1,0 +1,50 @@
+"""Rows as raw words: the layout the compaction kernels move, whatever the dtype and trailing shape.
+
+A tensor [N, ...] whose trailing dims are dense (any dim-0 stride) is viewed, without a copy, as
+[N, W] machine words: the widest of int32/int16/uint8 that divides the row size, the row stride
+and the start address. Moving words instead of typed elements lets one kernel serve every dtype
+(bool, integers, fp16/bf16/fp32) and every trailing shape.
+"""
+
+import math
+
+import torch
+
+# Widest first; 4-byte words already give 16-byte vector accesses (4 per thread) on the GPU.
+_WORDS = ((4, torch.int32), (2, torch.int16), (1, torch.uint8))
+
+
+def rows_dense(x):
+    """Whether the trailing dims of x (all but dim 0) are laid out contiguously; dim 0 may stride freely."""
+    expected = 1
+    for size, stride in zip(reversed(x.shape[1:]), reversed(x.stride()[1:])):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def dense_rows(x):
+    """x itself when its rows are dense, else a contiguous copy (one extra pass over x)."""
+    return x if rows_dense(x) else x.contiguous()
+
+
+def as_words(x):
+    """View a row-dense tensor [N, ...] as a 2-D [N, W] word tensor sharing its memory (no copy).
+
+    The row stride in words is ``words.stride(0)``. A 0-d or non-row-dense input is a caller bug (ValueError).
+    """
+    if x.dim() < 1 or not rows_dense(x):
+        raise ValueError("as_words: expected a tensor of >= 1 dims with dense rows")
+    n = x.shape[0]
+    elems = math.prod(x.shape[1:])
+    esize = x.element_size()
+    row_bytes = elems * esize
+    stride_bytes = x.stride(0) * esize
+    offset_bytes = x.storage_offset() * esize
+    # as_strided gives the unit inner stride that view(dtype) needs, even for size-1 trailing dims.
+    flat = x.as_strided((n, elems), (x.stride(0), 1)).view(torch.uint8)
+    for size, dtype in _WORDS:
+        if row_bytes % size == 0 and stride_bytes % size == 0 and offset_bytes % size == 0:
+            return flat.view(dtype)
+    raise AssertionError("unreachable: 1-byte words always fit")
