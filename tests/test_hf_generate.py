@@ -1,0 +1,211 @@
+"""EarlyExitLM on small random-weight Llama-family models (CPU, seconds).
+
+The oracle is transformers itself: model.generate for greedy output, output_hidden_states and the
+model's own cache for exit tokens and key/value states.
+"""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from earlyexit import EarlyExitLM  # noqa: E402
+
+L = 6
+EXITS = [2, 4]
+T = 7
+
+
+def _model(kind):
+    common = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=L,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+        # Larger than the default 0.02 so logits are peaked: exits happen and no near-ties flip argmaxes.
+        initializer_range=0.2,
+    )
+    torch.manual_seed(0)
+    if kind == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    elif kind == "qwen3":
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=16, **common))
+    elif kind == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    else:
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=5, **common))
+    model.generation_config.pad_token_id = 0  # EarlyExitLM pads finished rows with the generation config's pad
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def model(request):
+    return _model(request.param)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """Three prompts of lengths 7, 4 and 2, left-padded with token 0."""
+    torch.manual_seed(1)
+    ids = torch.randint(3, 300, (3, T))
+    am = torch.ones_like(ids)
+    am[1, :3] = 0
+    am[2, :5] = 0
+    return ids.masked_fill(am == 0, 0), am
+
+
+def _reference(model, ids, am, n, eos=None):
+    with torch.no_grad():
+        return model.generate(
+            ids, attention_mask=am, max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=0
+        )
+
+
+def test_exact_mode_equals_generate(model, batch):
+    ids, am = batch
+    ref = _reference(model, ids, am, 12)
+    eem = EarlyExitLM(model, EXITS, threshold=0.1)
+    out = eem.generate(ids, am, max_new_tokens=12, mode="exact")
+    assert torch.equal(out.sequences, ref)
+    assert out.exit_layer.shape == (3, 12)
+    assert (out.exit_layer < L).any(), "drafts should exit early sometimes, else the test is vacuous"
+    assert 0 <= out.stats["acceptance_rate"] <= 1 and out.stats["full_depth_passes_per_token"] > 0
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral"])
+def test_exact_mode_other_architectures(kind, batch):
+    # Mistral with a 5-token window: the sliding-window mask is exercised beyond the window.
+    model = _model(kind)
+    ids, am = batch
+    ref = _reference(model, ids, am, 8)
+    out = EarlyExitLM(model, EXITS, threshold=0.1).generate(ids, am, max_new_tokens=8, mode="exact")
+    assert torch.equal(out.sequences, ref)
+
+
+def test_exact_mode_eos_padding(model, batch):
+    ids, am = batch
+    free = _reference(model, ids, am, 8)
+    eos = int(free[0, T + 3])  # row 0 stops after 4 tokens, the others continue (or stop) on their own
+    ref = _reference(model, ids, am, 8, eos=eos)
+    eem = EarlyExitLM(model, EXITS, threshold=0.1)
+    for mode in ("exact", "exit"):
+        eem.thresholds = [0.1, 0.1] if mode == "exact" else [2.0, 2.0]
+        out = eem.generate(ids, am, max_new_tokens=8, mode=mode, eos_token_id=eos)
+        assert torch.equal(out.sequences, ref), mode
+        finished = out.sequences[0, T + 4 :]
+        assert (finished == 0).all() and (out.exit_layer[0, 4:] == 0).all()
+
+
+def test_exact_sampling_with_tiny_top_p_is_greedy(model, batch):
+    # top_p -> 0 keeps only the most likely token: speculative sampling must then reproduce greedy.
+    ids, am = batch
+    ref = _reference(model, ids, am, 8)
+    eem = EarlyExitLM(model, EXITS, threshold=0.1)
+    out = eem.generate(ids, am, max_new_tokens=8, mode="exact", do_sample=True, top_p=1e-6)
+    assert torch.equal(out.sequences, ref)
+
+
+def test_exit_sampling_runs(model, batch):
+    ids, am = batch
+    torch.manual_seed(0)
+    out = EarlyExitLM(model, EXITS, threshold=0.1).generate(
+        ids, am, max_new_tokens=6, do_sample=True, temperature=0.7, top_p=0.9
+    )
+    assert out.sequences.shape == (3, T + 6)
+    assert ((out.sequences >= 0) & (out.sequences < 300)).all()
+
+
+def test_unreachable_threshold_is_full_depth(model, batch):
+    ids, am = batch
+    ref = _reference(model, ids, am, 10)
+    out = EarlyExitLM(model, EXITS, threshold=1.5).generate(ids, am, max_new_tokens=10)
+    assert torch.equal(out.sequences, ref)
+    assert (out.exit_layer == L).all()
+    assert out.stats["mean_layers_per_token"] == L and out.stats["layer_compute_skipped"] == 0
+
+
+def test_first_exit_token_and_propagated_cache(model, batch):
+    """Threshold 0: every row exits at the first exit layer k; check the token and every layer's cache."""
+    ids, am = batch
+    k = EXITS[0]
+    out = EarlyExitLM(model, EXITS, threshold=0.0).generate(ids, am, max_new_tokens=2)
+    assert (out.exit_layer == k).all()
+
+    pos = (am.cumsum(-1) - 1).clamp(min=0)  # positions as model.generate computes them
+    with torch.no_grad():
+        full = model(ids, attention_mask=am, position_ids=pos, output_hidden_states=True, use_cache=True)
+        h = full.hidden_states[k][:, -1:]  # [B, 1, d] after the first k layers, last position
+        direct = model.lm_head(model.model.norm(h))[:, 0].argmax(-1)
+        assert torch.equal(out.sequences[:, T], direct)
+
+        cos, sin = model.model.rotary_emb(h, pos[:, -1:])
+        module = __import__(type(model.model.layers[0].self_attn).__module__, fromlist=["apply_rotary_pos_emb"])
+        hf_cache = getattr(full, "cache", None) or full.past_key_values  # renamed in transformers 5
+        for idx, layer in enumerate(model.model.layers):
+            keys = out.cache.layers[idx].keys[:, :, T - 1]
+            values = out.cache.layers[idx].values[:, :, T - 1]
+            assert keys.abs().sum(-1).min() > 0 and values.abs().sum(-1).min() > 0, f"layer {idx}: empty entry"
+            if idx < k:  # computed by the layer itself: as in the model's own cache
+                want_k = hf_cache.layers[idx].keys[:, :, T - 1]
+                want_v = hf_cache.layers[idx].values[:, :, T - 1]
+            else:  # skipped: state propagation of the exit hidden state
+                attn = layer.self_attn
+                x = layer.input_layernorm(h)
+                shape = (3, 1, -1, attn.head_dim)
+                kk = attn.k_proj(x).view(shape)
+                if hasattr(attn, "k_norm"):
+                    kk = attn.k_norm(kk)
+                kk, _ = module.apply_rotary_pos_emb(kk.transpose(1, 2), kk.transpose(1, 2), cos, sin)
+                want_k = kk[:, :, 0]
+                want_v = attn.v_proj(x).view(shape).transpose(1, 2)[:, :, 0]
+            torch.testing.assert_close(keys, want_k, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(values, want_v, rtol=1e-5, atol=1e-5)
+
+
+def test_compacted_equals_masking_only(model, batch):
+    ids, am = batch
+    eem = EarlyExitLM(model, EXITS, threshold=[0.2, 0.1])
+    compacted = eem.generate(ids, am, max_new_tokens=12)
+    layers = set(compacted.exit_layer.flatten().tolist())
+    assert len(layers) >= 2, f"need mixed exits for a meaningful comparison, got {layers}"
+    eem.compaction = False
+    masked = eem.generate(ids, am, max_new_tokens=12)
+    assert torch.equal(compacted.sequences, masked.sequences)
+    assert torch.equal(compacted.exit_layer, masked.exit_layer)
+    assert compacted.stats["layer_compute_skipped"] > masked.stats["layer_compute_skipped"]
+
+
+def test_identity_heads_match_shared_head(model, batch):
+    ids, am = batch
+    plain = EarlyExitLM(model, EXITS, threshold=0.1).generate(ids, am, max_new_tokens=6)
+    seq = EarlyExitLM(model, EXITS, threshold=0.1, heads=[torch.nn.Identity(), None]).generate(
+        ids, am, max_new_tokens=6
+    )
+    mapping = EarlyExitLM(model, EXITS, threshold=0.1, heads={4: lambda x: x}).generate(ids, am, max_new_tokens=6)
+    assert torch.equal(plain.sequences, seq.sequences) and torch.equal(plain.sequences, mapping.sequences)
+
+
+def test_errors(batch):
+    model = _model("llama")
+    ids, am = batch
+    for bad in ([0, 2], [2, L], [4, 2], [2, 2], [], 3):
+        with pytest.raises(ValueError, match="exit_layers"):
+            EarlyExitLM(model, bad)
+    with pytest.raises(ValueError, match="threshold"):
+        EarlyExitLM(model, EXITS, threshold=[0.5])
+    with pytest.raises(ValueError, match="measure"):
+        EarlyExitLM(model, EXITS, measure="nope")
+    with pytest.raises(ValueError, match="heads"):
+        EarlyExitLM(model, EXITS, heads=[None])
+    eem = EarlyExitLM(model, EXITS)
+    with pytest.raises(ValueError, match="attention_mask"):
+        eem.generate(ids, am[:, 1:])
+    with pytest.raises(ValueError, match="input_ids"):
+        eem.generate(ids[0])
+    with pytest.raises(ValueError, match="mode"):
+        eem.generate(ids, am, mode="fast")
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="LlamaForCausalLM.*Qwen3ForCausalLM"):
+        EarlyExitLM(gpt2, [1])
