@@ -56,7 +56,11 @@ def unavailable_reason(backend, device_type):
         if device_type == "cuda":
             return None
         if device_type == "cpu":
-            return None if TRITON_INTERPRET else "triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before import)"
+            return (
+                None
+                if TRITON_INTERPRET
+                else "triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before import)"
+            )
         return f"triton does not support device type {device_type!r}"
     if backend == "cpu":
         if _EXT is None:
@@ -121,7 +125,5 @@ def build_info():
         "cpu_ext": _EXT is not None,
         "cuda_archs": list(CUDA_ARCHS),
         "cuda_available": torch.cuda.is_available(),
-        "backends": {
-            name: {dev: unavailable_reason(name, dev) for dev in ("cpu", "cuda")} for name in BACKENDS
-        },
+        "backends": {name: {dev: unavailable_reason(name, dev) for dev in ("cpu", "cuda")} for name in BACKENDS},
     }
