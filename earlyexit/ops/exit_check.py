@@ -61,7 +61,9 @@ def _run_triton(hidden, weight, threshold, norm_weight, bias, measure, norm_eps,
 
 def _run_extension(hidden, weight, threshold, norm_weight, bias, measure, norm_eps, temperature):
     return tuple(
-        torch.ops.earlyexit.exit_check_ext(hidden, weight, threshold, norm_weight, bias, measure, norm_eps, temperature)
+        torch.ops.earlyexit.exit_check_ext(
+            hidden, weight, threshold, norm_weight, bias, measure, norm_eps, temperature
+        )
     )
 
 
@@ -90,7 +92,9 @@ def exit_check_op(
     ``backend`` must be concrete ("torch", "triton", "cpu", "cuda"). Returns the seven
     :class:`ExitResult` fields as [N] tensors.
     """
-    return tuple(_IMPLS[backend](hidden, weight, threshold, norm_weight, bias, measure, norm_eps, temperature))
+    return tuple(
+        _IMPLS[backend](hidden, weight, threshold, norm_weight, bias, measure, norm_eps, temperature)
+    )
 
 
 @exit_check_op.register_fake
