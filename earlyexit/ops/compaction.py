@@ -7,10 +7,13 @@ backend and call registered torch.library custom ops with fake implementations, 
 torch.compile(fullgraph=True) traces callers without graph breaks.
 """
 
+from functools import partial
+
 import torch
 
 from earlyexit import backends
 from earlyexit.ops.checks import check_dim, check_dtype, check_rows, check_same_device, check_shape, check_tensor
+from earlyexit.ops.rows import as_words, dense_rows, rows_dense
 from earlyexit.reference import compact_reference, partition_rows_reference, scatter_rows_reference
 
 #: "auto" per device type: first that can run. CPU: the C++ loop beats nonzero + index_select per tensor.
@@ -21,9 +24,67 @@ _PREFERENCE = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
 # Backend implementations (validated inputs)
 # --------------------------------------------------------------------------------------------
 
-_COMPACT_IMPLS = {"torch": compact_reference}
-_PARTITION_IMPLS = {"torch": partition_rows_reference}
-_SCATTER_IMPLS = {"torch": scatter_rows_reference}
+
+def _launchers(backend, device_type):
+    """(fused compaction launcher, scatter launcher) of a kernel backend; both take word views."""
+    if backend == "triton":
+        from earlyexit.triton_kernels.compaction import compaction_triton, scatter_rows_triton
+
+        interpret = device_type == "cpu"
+        return partial(compaction_triton, interpret=interpret), partial(scatter_rows_triton, interpret=interpret)
+    return torch.ops.earlyexit_C.compaction, torch.ops.earlyexit_C.scatter_rows
+
+
+def _word_pairs(tensors, targets):
+    """Word views (source, target) of each pair, with one word type per pair; strided rows copied dense."""
+    pairs = [as_words(dense_rows(x), t) for x, t in zip(tensors, targets)]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _dense_target(x):
+    """x if a kernel can write its rows in place, else a contiguous scratch copied back by the caller."""
+    return x if rows_dense(x) else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _compact_kernel(backend, keep, tensors):
+    # The one host synchronization: K sizes the outputs (free when keep is on the CPU).
+    k = int(torch.count_nonzero(keep))
+    packed = [torch.empty((k, *x.shape[1:]), dtype=x.dtype, device=x.device) for x in tensors]
+    index = torch.empty(k, dtype=torch.int64, device=keep.device)
+    srcs, dsts = _word_pairs(tensors, packed)
+    launch, _ = _launchers(backend, keep.device.type)
+    launch(keep.contiguous().view(torch.uint8), srcs, dsts, index, None, False)
+    return packed + [index]
+
+
+def _partition_kernel(backend, keep, tensors, out):
+    targets = [_dense_target(o) for o in out]
+    perm = torch.empty(keep.shape, dtype=torch.int64, device=keep.device)
+    count = torch.empty((), dtype=torch.int64, device=keep.device)
+    srcs, dsts = _word_pairs(tensors, targets)
+    launch, _ = _launchers(backend, keep.device.type)
+    launch(keep.contiguous().view(torch.uint8), srcs, dsts, perm, count, True)
+    for o, t in zip(out, targets):
+        if t is not o:
+            o.copy_(t)
+    return perm, count
+
+
+def _scatter_kernel(backend, dest, index, src):
+    target = _dense_target(dest)
+    if target is not dest:
+        target.copy_(dest)
+    dest_words, src_words = as_words(target, dense_rows(src))
+    _, launch = _launchers(backend, dest.device.type)
+    launch(dest_words, index.contiguous(), src_words)
+    if target is not dest:
+        dest.copy_(target)
+
+
+_KERNEL_BACKENDS = ("triton", "cpu", "cuda")
+_COMPACT_IMPLS = {"torch": compact_reference, **{b: partial(_compact_kernel, b) for b in _KERNEL_BACKENDS}}
+_PARTITION_IMPLS = {"torch": partition_rows_reference, **{b: partial(_partition_kernel, b) for b in _KERNEL_BACKENDS}}
+_SCATTER_IMPLS = {"torch": scatter_rows_reference, **{b: partial(_scatter_kernel, b) for b in _KERNEL_BACKENDS}}
 
 
 def _check_index_range(index, m):

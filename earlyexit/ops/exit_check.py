@@ -7,7 +7,7 @@ traces callers without graph breaks and treats the kernel as opaque.
 """
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -78,8 +78,8 @@ def exit_check_op(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     threshold: torch.Tensor,
-    norm_weight: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
+    norm_weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
     measure: str,
     norm_eps: float,
     temperature: float,
@@ -146,12 +146,10 @@ def _validate(hidden, weight, threshold, measure, norm_weight, norm_eps, bias, t
             raise ValueError(f"threshold: expected a tensor on {hidden.device} (like hidden), got {threshold.device}")
         lead = tuple(hidden.shape[:-1])
         try:
-            torch.broadcast_shapes(tuple(threshold.shape), lead)
+            fits = torch.broadcast_shapes(tuple(threshold.shape), lead) == lead
         except RuntimeError:
-            raise ValueError(
-                f"threshold: shape {tuple(threshold.shape)} does not broadcast to hidden.shape[:-1] = {lead}"
-            ) from None
-        if torch.broadcast_shapes(tuple(threshold.shape), lead) != lead:
+            fits = False
+        if not fits:
             raise ValueError(
                 f"threshold: shape {tuple(threshold.shape)} does not broadcast to hidden.shape[:-1] = {lead}"
             )
