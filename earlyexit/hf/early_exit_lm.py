@@ -85,6 +85,8 @@ class EarlyExitLM:
         draft_tokens: exact mode's drafts per verification pass (default 4).
         compaction: True (default) runs the layers after an exit only on the continuing rows; False
             keeps every row and masks the exited ones (a reference path: same tokens, no savings).
+        progress: None (default) or a callable called with the number of positions generated so far
+            after each one (for progress bars).
 
     Raises:
         ValueError: unsupported architecture (the message lists the supported ones), exit layers out
@@ -102,6 +104,7 @@ class EarlyExitLM:
         self.heads = _check_heads(heads, self.exit_layers)
         self.draft_tokens = 4
         self.compaction = True
+        self.progress = None
 
     @property
     def num_layers(self):
@@ -188,6 +191,7 @@ class EarlyExitLM:
             pad=pad,
             chooser=TokenChooser(do_sample, float(temperature), float(top_p)),
             draft_tokens=self.draft_tokens,
+            progress=self.progress,
         )
 
 

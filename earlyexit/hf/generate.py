@@ -38,7 +38,7 @@ class GenerateOutput:
 class _Run:
     """State shared by both loops: cache, counters, padding mask, finished rows, outputs."""
 
-    def __init__(self, adapter, input_ids, attention_mask, eos, pad):
+    def __init__(self, adapter, input_ids, attention_mask, eos, pad, progress):
         batch = input_ids.shape[0]
         self.adapter = adapter
         self.cache = RowCache(
@@ -47,6 +47,7 @@ class _Run:
         self.counters = Counters()
         self.eos = eos
         self.pad = pad
+        self.progress = progress
         self.unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
         self.tokens, self.layers = [], []
         # Invariant: attention_mask covers the cached positions plus the one of `pending`.
@@ -67,12 +68,14 @@ class _Run:
         self.layers.append(torch.where(self.unfinished, layers, 0))
         if self.eos is not None:
             self.unfinished &= ~torch.isin(tokens, self.eos)
+        if self.progress is not None:
+            self.progress(len(self.tokens))
         return not bool(self.unfinished.any())
 
 
-def generate_exit(adapter, spec, input_ids, attention_mask, max_new_tokens, eos, pad, chooser):
+def generate_exit(adapter, spec, input_ids, attention_mask, max_new_tokens, eos, pad, chooser, progress):
     """Exit mode: every token of every row exits at the first exit layer whose check passes."""
-    run = _Run(adapter, input_ids, attention_mask, eos, pad)
+    run = _Run(adapter, input_ids, attention_mask, eos, pad, progress)
     for _ in range(max_new_tokens):
         running = run.unfinished.clone()
         tokens, layers = exit_step(
@@ -117,13 +120,13 @@ def _accept(chooser, logits, drafts):
     return accepted, target.scatter(1, accepted[:, None], torch.multinomial(p_next, 1))
 
 
-def generate_exact(adapter, spec, input_ids, attention_mask, max_new_tokens, eos, pad, chooser, draft_tokens):
+def generate_exact(adapter, spec, input_ids, attention_mask, max_new_tokens, eos, pad, chooser, draft_tokens, progress):
     """Exact mode: draft with early exits, verify each block with one full-depth pass.
 
     Rows of a batch share cache positions, so each round keeps the shortest accepted prefix over the
     running rows (plus the verifier's next token) and crops the rest of the cache.
     """
-    run = _Run(adapter, input_ids, attention_mask, eos, pad)
+    run = _Run(adapter, input_ids, attention_mask, eos, pad, progress)
     greedy = TokenChooser(False, 1.0, 1.0)
     num_layers, batch = adapter.num_layers, input_ids.shape[0]
     c = run.counters
@@ -199,18 +202,23 @@ def _stats(run, spec, mode, seconds, exit_layer):
     return stats
 
 
-def generate(adapter, spec, input_ids, attention_mask, *, max_new_tokens, mode, eos, pad, chooser, draft_tokens):
-    """Run one mode and package sequences, exit layers and statistics as a :class:`GenerateOutput`."""
+def generate(
+    adapter, spec, input_ids, attention_mask, *, max_new_tokens, mode, eos, pad, chooser, draft_tokens, progress=None
+):
+    """Run one mode and package sequences, exit layers and statistics as a :class:`GenerateOutput`.
+
+    progress: None or a callable receiving the number of positions generated so far, after each one.
+    """
     device = input_ids.device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
     with torch.inference_mode():
         if mode == "exit":
-            run = generate_exit(adapter, spec, input_ids, attention_mask, max_new_tokens, eos, pad, chooser)
+            run = generate_exit(adapter, spec, input_ids, attention_mask, max_new_tokens, eos, pad, chooser, progress)
         else:
             run = generate_exact(
-                adapter, spec, input_ids, attention_mask, max_new_tokens, eos, pad, chooser, draft_tokens
+                adapter, spec, input_ids, attention_mask, max_new_tokens, eos, pad, chooser, draft_tokens, progress
             )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
