@@ -34,6 +34,12 @@ def main(argv=None):
     d.add_argument("--max-new-tokens", type=int, default=32)
     d.add_argument("--exit-layers", default="12,18,24", help="comma-separated layer counts, each in [1, 30)")
     d.add_argument("--threshold", type=float, default=0.9, help="max_prob threshold of the exit check")
+    c = sub.add_parser("calibrate", help="train exit adapters for SmolLM2, calibrate thresholds, write DIR")
+    c.add_argument("--out", required=True, help="folder for adapters.safetensors, adapters.json, thresholds.json")
+    c.add_argument("--exit-layers", default="12,18,24", help="comma-separated layer counts, each in [1, 30)")
+    c.add_argument("--target-agreement", type=float, default=0.99)
+    c.add_argument("--measure", default="max_prob", choices=("max_prob", "margin", "entropy"))
+    c.add_argument("--steps", type=int, default=None, help="adapter training steps (default: the library's)")
     k = sub.add_parser("kernel-demo", help="run the fused exit check on a real-sized head against the reference")
     k.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     k.add_argument("--rows", default="1,8,64", help="comma-separated batch sizes")
@@ -41,6 +47,16 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.command == "demo":
         _demo(args)
+    elif args.command == "calibrate":
+        from earlyexit.hf.calibrate_cmd import run_calibrate
+
+        run_calibrate(
+            args.out,
+            [int(x) for x in args.exit_layers.split(",")],
+            target_agreement=args.target_agreement,
+            measure=args.measure,
+            steps=args.steps,
+        )
     elif args.command == "kernel-demo":
         from earlyexit.kernel_demo import kernel_demo
 
