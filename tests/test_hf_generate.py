@@ -84,6 +84,18 @@ def test_exact_mode_other_architectures(kind, batch):
     assert torch.equal(out.sequences, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(dtype, batch):
+    model = _model("llama").to(dtype)
+    ids, am = batch
+    ref = _reference(model, ids, am, 8)
+    eem = EarlyExitLM(model, EXITS, threshold=0.1)
+    assert torch.equal(eem.generate(ids, am, max_new_tokens=8, mode="exact").sequences, ref)
+    compacted = eem.generate(ids, am, max_new_tokens=8)
+    eem.compaction = False
+    assert torch.equal(eem.generate(ids, am, max_new_tokens=8).sequences, compacted.sequences)
+
+
 def test_exact_mode_eos_padding(model, batch):
     ids, am = batch
     free = _reference(model, ids, am, 8)
