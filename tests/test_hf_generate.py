@@ -9,6 +9,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from tiny_models import tiny_causal_lm  # noqa: E402
+
 from earlyexit import EarlyExitLM  # noqa: E402
 
 L = 6
@@ -17,27 +19,7 @@ T = 7
 
 
 def _model(kind):
-    common = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=L,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=300,
-        # Larger than the default 0.02 so logits are peaked: exits happen and no near-ties flip argmaxes.
-        initializer_range=0.2,
-    )
-    torch.manual_seed(0)
-    if kind == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
-    elif kind == "qwen3":
-        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=16, **common))
-    elif kind == "qwen2":
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
-    else:
-        model = transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=5, **common))
-    model.generation_config.pad_token_id = 0  # EarlyExitLM pads finished rows with the generation config's pad
-    return model.eval()
+    return tiny_causal_lm(kind, num_layers=L)
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen3"])
