@@ -31,7 +31,7 @@ def main(argv=None):
     d = sub.add_parser("demo", help="SmolLM2 with early exits (exit and exact modes) against model.generate")
     d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     d.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    d.add_argument("--max-new-tokens", type=int, default=32)
+    d.add_argument("--max-new-tokens", type=int, default=24)
     d.add_argument("--exit-layers", default="12,18,24", help="comma-separated layer counts, each in [1, 30)")
     d.add_argument("--threshold", type=float, default=0.9, help="max_prob threshold of the exit check")
     c = sub.add_parser("calibrate", help="train exit adapters for SmolLM2, calibrate thresholds, write DIR")

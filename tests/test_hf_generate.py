@@ -9,6 +9,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from tiny_models import tiny_causal_lm  # noqa: E402
+
 from earlyexit import EarlyExitLM  # noqa: E402
 
 L = 6
@@ -17,27 +19,7 @@ T = 7
 
 
 def _model(kind):
-    common = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=L,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=300,
-        # Larger than the default 0.02 so logits are peaked: exits happen and no near-ties flip argmaxes.
-        initializer_range=0.2,
-    )
-    torch.manual_seed(0)
-    if kind == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
-    elif kind == "qwen3":
-        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=16, **common))
-    elif kind == "qwen2":
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
-    else:
-        model = transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=5, **common))
-    model.generation_config.pad_token_id = 0  # EarlyExitLM pads finished rows with the generation config's pad
-    return model.eval()
+    return tiny_causal_lm(kind, num_layers=L)
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen3"])
@@ -84,6 +66,18 @@ def test_exact_mode_other_architectures(kind, batch):
     assert torch.equal(out.sequences, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(dtype, batch):
+    model = _model("llama").to(dtype)
+    ids, am = batch
+    ref = _reference(model, ids, am, 8)
+    eem = EarlyExitLM(model, EXITS, threshold=0.1)
+    assert torch.equal(eem.generate(ids, am, max_new_tokens=8, mode="exact").sequences, ref)
+    compacted = eem.generate(ids, am, max_new_tokens=8)
+    eem.compaction = False
+    assert torch.equal(eem.generate(ids, am, max_new_tokens=8).sequences, compacted.sequences)
+
+
 def test_exact_mode_eos_padding(model, batch):
     ids, am = batch
     free = _reference(model, ids, am, 8)
@@ -126,42 +120,74 @@ def test_unreachable_threshold_is_full_depth(model, batch):
     assert out.stats["mean_layers_per_token"] == L and out.stats["layer_compute_skipped"] == 0
 
 
-def test_first_exit_token_and_propagated_cache(model, batch):
-    """Threshold 0: every row exits at the first exit layer k; check the token and every layer's cache."""
+def _first_step_states(model, ids, am):
+    """Full forward with generate's positions: (hidden states per layer, the model's cache, positions)."""
+    pos = (am.cumsum(-1) - 1).clamp(min=0)
+    full = model(ids, attention_mask=am, position_ids=pos, output_hidden_states=True, use_cache=True)
+    return full.hidden_states, getattr(full, "cache", None) or full.past_key_values, pos  # cache: renamed in v5
+
+
+def _propagated(model, idx, h, cos, sin):
+    """Key/value states layer idx caches for hidden h [B, 1, d], computed from the HF modules directly."""
+    layer = model.model.layers[idx]
+    attn = layer.self_attn
+    module = __import__(type(attn).__module__, fromlist=["apply_rotary_pos_emb"])
+    x = layer.input_layernorm(h)
+    shape = (h.shape[0], 1, -1, attn.head_dim)
+    k = attn.k_proj(x).view(shape)
+    if hasattr(attn, "k_norm"):
+        k = attn.k_norm(k)
+    k, _ = module.apply_rotary_pos_emb(k.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    return k[:, :, 0], attn.v_proj(x).view(shape).transpose(1, 2)[:, :, 0]
+
+
+def test_first_exit_token(model, batch):
+    """Threshold 0: every row exits at the first exit layer k with the token of the first k layers."""
     ids, am = batch
     k = EXITS[0]
-    out = EarlyExitLM(model, EXITS, threshold=0.0).generate(ids, am, max_new_tokens=2)
+    out = EarlyExitLM(model, EXITS, threshold=0.0).generate(ids, am, max_new_tokens=3)
     assert (out.exit_layer == k).all()
-
-    pos = (am.cumsum(-1) - 1).clamp(min=0)  # positions as model.generate computes them
     with torch.no_grad():
-        full = model(ids, attention_mask=am, position_ids=pos, output_hidden_states=True, use_cache=True)
-        h = full.hidden_states[k][:, -1:]  # [B, 1, d] after the first k layers, last position
-        direct = model.lm_head(model.model.norm(h))[:, 0].argmax(-1)
-        assert torch.equal(out.sequences[:, T], direct)
+        hidden, _, _ = _first_step_states(model, ids, am)
+        direct = model.lm_head(model.model.norm(hidden[k][:, -1])).argmax(-1)
+    assert torch.equal(out.sequences[:, T], direct)
 
-        cos, sin = model.model.rotary_emb(h, pos[:, -1:])
-        module = __import__(type(model.model.layers[0].self_attn).__module__, fromlist=["apply_rotary_pos_emb"])
-        hf_cache = getattr(full, "cache", None) or full.past_key_values  # renamed in transformers 5
-        for idx, layer in enumerate(model.model.layers):
-            keys = out.cache.layers[idx].keys[:, :, T - 1]
-            values = out.cache.layers[idx].values[:, :, T - 1]
-            assert keys.abs().sum(-1).min() > 0 and values.abs().sum(-1).min() > 0, f"layer {idx}: empty entry"
-            if idx < k:  # computed by the layer itself: as in the model's own cache
-                want_k = hf_cache.layers[idx].keys[:, :, T - 1]
-                want_v = hf_cache.layers[idx].values[:, :, T - 1]
-            else:  # skipped: state propagation of the exit hidden state
-                attn = layer.self_attn
-                x = layer.input_layernorm(h)
-                shape = (3, 1, -1, attn.head_dim)
-                kk = attn.k_proj(x).view(shape)
-                if hasattr(attn, "k_norm"):
-                    kk = attn.k_norm(kk)
-                kk, _ = module.apply_rotary_pos_emb(kk.transpose(1, 2), kk.transpose(1, 2), cos, sin)
-                want_k = kk[:, :, 0]
-                want_v = attn.v_proj(x).view(shape).transpose(1, 2)[:, :, 0]
-            torch.testing.assert_close(keys, want_k, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(values, want_v, rtol=1e-5, atol=1e-5)
+
+def test_propagated_cache(model, batch):
+    """Rows exit at different layers in the same step; every layer's cache entry is the right one.
+
+    Thresholds are set from the direct computation so that at the first step row a exits at the
+    first exit, row b at the second and row c runs full depth.
+    """
+    ids, am = batch
+    with torch.no_grad():
+        hidden, hf_cache, pos = _first_step_states(model, ids, am)
+        p = [model.lm_head(model.model.norm(hidden[k][:, -1])).softmax(-1).amax(-1) for k in EXITS]
+    # Thresholds halfway between neighbouring confidences, so rounding differences cannot flip a decision.
+    order0 = p[0].argsort(descending=True).tolist()
+    rest = sorted(order0[1:], key=lambda r: -float(p[1][r]))
+    t0 = float(p[0][order0[0]] + p[0][order0[1]]) / 2
+    t1 = float(p[1][rest[0]] + p[1][rest[1]]) / 2
+    out = EarlyExitLM(model, EXITS, threshold=[t0, t1]).generate(ids, am, max_new_tokens=2)
+    exit_at = out.exit_layer[:, 0]
+    assert sorted(exit_at.tolist()) == sorted([EXITS[0], EXITS[1], L]), exit_at
+
+    with torch.no_grad():
+        for r in range(3):
+            k = int(exit_at[r])
+            h = hidden[k][r : r + 1, -1:]
+            cos, sin = model.model.rotary_emb(h, pos[r : r + 1, -1:])
+            for idx in range(L):
+                keys = out.cache.layers[idx].keys[r, :, T - 1]
+                values = out.cache.layers[idx].values[r, :, T - 1]
+                assert keys.abs().sum() > 0 and values.abs().sum() > 0, f"row {r} layer {idx}: empty entry"
+                if idx < k:  # computed by the layer itself: as in the model's own cache
+                    want_k = hf_cache.layers[idx].keys[r, :, T - 1]
+                    want_v = hf_cache.layers[idx].values[r, :, T - 1]
+                else:  # skipped: state propagation of the exit hidden state
+                    want_k, want_v = (t[0] for t in _propagated(model, idx, h, cos, sin))
+                torch.testing.assert_close(keys, want_k, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(values, want_v, rtol=1e-5, atol=1e-5)
 
 
 def test_compacted_equals_masking_only(model, batch):

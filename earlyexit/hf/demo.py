@@ -70,8 +70,19 @@ def _show_tokens(tokenizer, ids, layers, num_layers):
     return "".join(parts)
 
 
-def run_demo(device=None, dtype="float32", max_new_tokens=32, exit_layers=(12, 18, 24), threshold=0.9, out=sys.stdout):
-    """Load SmolLM2, generate the built-in prompts three ways, print the comparison. Returns the summary rows."""
+def run_demo(
+    device=None,
+    dtype="float32",
+    max_new_tokens=24,
+    exit_layers=(12, 18, 24),
+    threshold=0.9,
+    heads=None,
+    out=sys.stdout,
+):
+    """Load SmolLM2, generate the built-in prompts three ways, print the comparison. Returns the summary rows.
+
+    heads: exit heads for :class:`~earlyexit.EarlyExitLM` (e.g. trained ``ExitAdapters``), or None.
+    """
     from earlyexit import EarlyExitLM
     from earlyexit.hf.smollm2 import load_smollm2
 
@@ -91,7 +102,7 @@ def run_demo(device=None, dtype="float32", max_new_tokens=32, exit_layers=(12, 1
     enc = tokenizer(chats, return_tensors="pt", padding=True).to(device)
     prompt_len = enc.input_ids.shape[1]
     pad = model.generation_config.pad_token_id
-    eem = EarlyExitLM(model, list(exit_layers), threshold=threshold)
+    eem = EarlyExitLM(model, list(exit_layers), threshold=threshold, heads=heads)
 
     # Warm-up (one-off costs: op registration, allocator) so the timings compare steady states.
     model.generate(**enc, max_new_tokens=2, do_sample=False)
@@ -125,8 +136,9 @@ def run_demo(device=None, dtype="float32", max_new_tokens=32, exit_layers=(12, 1
     for i, prompt in enumerate(PROMPTS):
         layers = exit_out.exit_layer[i, : len(exit_tokens[i])].tolist()
         out.write(f"\n[{i + 1}] {prompt}\n")
-        out.write(f"  full depth : {tokenizer.decode(ref_tokens[i])!r}\n")
-        out.write(f"  exit mode  : {_show_tokens(tokenizer, exit_tokens[i], layers, num_layers)!r}\n")
+        full_text = tokenizer.decode(ref_tokens[i]).replace("\n", "\\n")
+        out.write(f"  full depth : {full_text}\n")
+        out.write(f"  exit mode  : {_show_tokens(tokenizer, exit_tokens[i], layers, num_layers)}\n")
         out.write(f"  exit layers: {' '.join(str(k) for k in layers)}\n")
 
     rows = [

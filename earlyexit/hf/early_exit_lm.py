@@ -13,6 +13,7 @@ fused :func:`earlyexit.exit_check`. ``heads`` adds a per-exit adapter in front o
   hidden state (the adapter reads the exit head, not the deeper layers).
 """
 
+import numbers
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -32,14 +33,14 @@ def _check_exit_layers(exit_layers, num_layers):
             f"exit_layers: expected a non-empty sorted list of ints in [1, {num_layers}), got {exit_layers!r}"
         )
     for k in exit_layers:
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < num_layers:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k < num_layers:
             raise ValueError(
                 f"exit_layers: each entry must be an int k with 1 <= k < {num_layers} (the model has {num_layers} "
                 f"decoder layers), got {k!r}"
             )
     if any(a >= b for a, b in zip(exit_layers, exit_layers[1:])):
         raise ValueError(f"exit_layers: expected strictly increasing (sorted, no duplicates), got {list(exit_layers)}")
-    return list(exit_layers)
+    return [int(k) for k in exit_layers]
 
 
 def _check_thresholds(threshold, n):
