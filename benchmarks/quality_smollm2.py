@@ -22,7 +22,7 @@ from earlyexit.hf.smollm2 import load_smollm2
 from earlyexit.teacher_forcing import collect_states
 from earlyexit.text_data import builtin_corpus, token_windows
 
-EXIT_LAYERS = [6, 9, 12, 15, 18, 21, 24, 27]
+EXIT_LAYERS = [8, 12, 16, 20, 24]
 TARGETS = [0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995]
 MEASURES = ["max_prob", "margin", "entropy"]
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")

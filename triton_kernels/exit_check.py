@@ -45,6 +45,14 @@ def _merge(m, s, t, top1, idx, top2, bm, bs, bt, b1, bi, b2):
 
 
 @triton.jit
+def _empty_stats(BLOCK_N: tl.constexpr):
+    """Stats of an empty vocabulary range: (m, s, t, top1, idx, top2) = (-inf, 0, 0, -inf, 0, -inf)."""
+    neg = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    zero = tl.zeros([BLOCK_N], dtype=tl.float32)
+    return neg, zero, zero, neg, tl.zeros([BLOCK_N], dtype=tl.int32), neg
+
+
+@triton.jit
 def exit_check_kernel(
     H,  # [N, d] hidden rows, row stride stride_h, unit column stride
     W,  # [V, d] head weight, row stride stride_w
@@ -98,12 +106,7 @@ def exit_check_kernel(
         nonfinite += tl.sum(tl.where((x == x) & (tl.abs(x) < float("inf")), 0.0, 1.0), axis=1)
     inv_rms = 1.0 / tl.sqrt(sumsq / D + eps)
 
-    m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-    s = tl.zeros([BLOCK_N], dtype=tl.float32)
-    t = tl.zeros([BLOCK_N], dtype=tl.float32)
-    top1 = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-    top2 = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-    idx = tl.zeros([BLOCK_N], dtype=tl.int32)
+    m, s, t, top1, idx, top2 = _empty_stats(BLOCK_N)
     bad = nonfinite
 
     offs_v = tl.arange(0, BLOCK_V)
@@ -161,12 +164,7 @@ def exit_check_kernel(
     tl.debug_barrier()
     done = tl.atomic_add(COUNTER + pid_n, 1, sem="acq_rel")
     if done == n_splits - 1:
-        m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-        s = tl.zeros([BLOCK_N], dtype=tl.float32)
-        t = tl.zeros([BLOCK_N], dtype=tl.float32)
-        top1 = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-        top2 = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-        idx = tl.zeros([BLOCK_N], dtype=tl.int32)
+        m, s, t, top1, idx, top2 = _empty_stats(BLOCK_N)
         bad = tl.zeros([BLOCK_N], dtype=tl.float32)
         for sp in range(0, n_splits):
             slot = (pid_n * n_splits + sp).to(tl.int64)
