@@ -16,8 +16,10 @@ from earlyexit.ops.checks import check_dim, check_dtype, check_rows, check_same_
 from earlyexit.ops.rows import as_words, dense_rows, rows_dense
 from earlyexit.reference import compact_reference, partition_rows_reference, scatter_rows_reference
 
-#: "auto" per device type: first that can run. CPU: the C++ loop beats nonzero + index_select per tensor.
-_PREFERENCE = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
+#: "auto" per device type, first that can run. CUDA: the Triton kernel, whose logic the interpreter lane
+#: checks on every CI run; the CUDA kernel has the same contract and a lower launch cost, and is picked
+#: explicitly (backend="cuda"). CPU: the C++ loop (no nonzero + index_select pass per tensor).
+_PREFERENCE = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -25,20 +27,31 @@ _PREFERENCE = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
 # --------------------------------------------------------------------------------------------
 
 
-def _launchers(backend, device_type):
-    """(fused compaction launcher, scatter launcher) of a kernel backend; both take word views."""
+def _triton_compaction(keep, srcs, dsts, index, count, partition):
+    """The Triton launch on word views: one compiled kernel for every dtype and trailing shape."""
+    from earlyexit.triton_kernels.compaction import compaction_triton
+
+    pairs = [as_words(s, d) for s, d in zip(srcs, dsts)]
+    interpret = keep.device.type == "cpu"
+    compaction_triton(
+        keep.view(torch.uint8), [p[0] for p in pairs], [p[1] for p in pairs], index, count, partition, interpret
+    )
+
+
+def _triton_scatter_rows(dest, index, src):
+    from earlyexit.triton_kernels.compaction import scatter_rows_triton
+
+    dest_words, src_words = as_words(dest, src)
+    scatter_rows_triton(dest_words, index, src_words, interpret=dest.device.type == "cpu")
+
+
+def _launchers(backend):
+    """(compaction, scatter) launchers of a kernel backend. Both take row-dense tensors of any dtype:
+    compaction(keep bool [N], srcs, dsts, index, count or None, partition), scatter(dest, index, src)."""
     if backend == "triton":
-        from earlyexit.triton_kernels.compaction import compaction_triton, scatter_rows_triton
-
-        interpret = device_type == "cpu"
-        return partial(compaction_triton, interpret=interpret), partial(scatter_rows_triton, interpret=interpret)
+        return _triton_compaction, _triton_scatter_rows
+    # C++ extension (backend "cpu" or "cuda"); the dispatcher picks the device.
     return torch.ops.earlyexit_C.compaction, torch.ops.earlyexit_C.scatter_rows
-
-
-def _word_pairs(tensors, targets):
-    """Word views (source, target) of each pair, with one word type per pair; strided rows copied dense."""
-    pairs = [as_words(dense_rows(x), t) for x, t in zip(tensors, targets)]
-    return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
 def _dense_target(x):
@@ -51,9 +64,8 @@ def _compact_kernel(backend, keep, tensors):
     k = int(torch.count_nonzero(keep))
     packed = [torch.empty((k, *x.shape[1:]), dtype=x.dtype, device=x.device) for x in tensors]
     index = torch.empty(k, dtype=torch.int64, device=keep.device)
-    srcs, dsts = _word_pairs(tensors, packed)
-    launch, _ = _launchers(backend, keep.device.type)
-    launch(keep.contiguous().view(torch.uint8), srcs, dsts, index, None, False)
+    compaction, _ = _launchers(backend)
+    compaction(keep.contiguous(), [dense_rows(x) for x in tensors], packed, index, None, False)
     return packed + [index]
 
 
@@ -61,9 +73,8 @@ def _partition_kernel(backend, keep, tensors, out):
     targets = [_dense_target(o) for o in out]
     perm = torch.empty(keep.shape, dtype=torch.int64, device=keep.device)
     count = torch.empty((), dtype=torch.int64, device=keep.device)
-    srcs, dsts = _word_pairs(tensors, targets)
-    launch, _ = _launchers(backend, keep.device.type)
-    launch(keep.contiguous().view(torch.uint8), srcs, dsts, perm, count, True)
+    compaction, _ = _launchers(backend)
+    compaction(keep.contiguous(), [dense_rows(x) for x in tensors], targets, perm, count, True)
     for o, t in zip(out, targets):
         if t is not o:
             o.copy_(t)
@@ -74,9 +85,8 @@ def _scatter_kernel(backend, dest, index, src):
     target = _dense_target(dest)
     if target is not dest:
         target.copy_(dest)
-    dest_words, src_words = as_words(target, dense_rows(src))
-    _, launch = _launchers(backend, dest.device.type)
-    launch(dest_words, index.contiguous(), src_words)
+    _, scatter = _launchers(backend)
+    scatter(target, index.contiguous(), dense_rows(src))
     if target is not dest:
         dest.copy_(target)
 
