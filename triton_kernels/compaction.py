@@ -24,7 +24,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _copy_rows(SRC, DST, src_rows, dst_rows, move, src_stride, dst_stride, W, pid_c, n_col_programs, BLOCK_WORDS):
+def _copy_rows(
+    SRC, DST, src_rows, dst_rows, move, src_stride, dst_stride, W, pid_c, n_col_programs, BLOCK_WORDS: tl.constexpr
+):
     """Copy words [0, W) of rows src_rows -> dst_rows where move; this column program's chunks only."""
     src_base = SRC + src_rows[:, None] * src_stride
     dst_base = DST + dst_rows[:, None] * dst_stride
