@@ -6,16 +6,16 @@ CPU, d = 4096) plus two int64 [N] tensors (positions, sequence ids); about half 
 Providers, all measured in one run on the same inputs:
   torch      compact: nonzero(keep), index_select per tensor.
              partition: perm = cat(nonzero(keep), nonzero(~keep)), index_select per tensor.
-  ee-<name>  each earlyexit backend that can run here (the Triton interpreter is never timed);
-             partition_rows with preallocated out=.
-  ee-<name>-graph  (CUDA) partition_rows captured once in a CUDA graph, timed as graph replays.
+  ee-<name>  each earlyexit backend that can run here (the Triton interpreter is never timed).
+  ee-<name>-out    partition_rows into preallocated out= tensors (how a decode loop calls it).
+  ee-<name>-graph  (CUDA) partition_rows with out= captured once in a CUDA graph, timed as replays.
 
 Reported per (op, N, provider): median microseconds per call, the speedup over torch, achieved GB/s
 (bytes read + written, rows and index) and, at the large N, the fraction of the copy bandwidth
 measured in this run (a plain copy of the hidden tensor). A CSV keyed by device and versions goes to
 --out (default benchmarks/out/).
 
-Usage: python benchmarks/bench_compaction.py [--device cpu|cuda] [--n 256] [--large-n 65536] [--out DIR]
+Usage: python benchmarks/bench_compaction.py [--device cpu|cuda] [--n 256] [--large-n 65536] [--threads T] [--out DIR]
 """
 
 import argparse
@@ -106,17 +106,13 @@ def measure(n, d, device, reps):
     )
     out = tuple(torch.empty_like(x) for x in tensors)
     for b in ee_backends(device):
-        t = time_call(lambda b=b: earlyexit.partition_rows(keep, *tensors, out=out, backend=b), device, reps)
+        t = time_call(lambda b=b: earlyexit.partition_rows(keep, *tensors, backend=b), device, reps)
         rows.append(("partition", f"ee-{b}", t, partition_bytes))
+        t = time_call(lambda b=b: earlyexit.partition_rows(keep, *tensors, out=out, backend=b), device, reps)
+        rows.append(("partition", f"ee-{b}-out", t, partition_bytes))
         if device.type == "cuda":
-            rows.append(
-                (
-                    "partition",
-                    f"ee-{b}-graph",
-                    time_call(graph_partition(keep, tensors, b), device, reps),
-                    partition_bytes,
-                )
-            )
+            t = time_call(graph_partition(keep, tensors, b), device, reps)
+            rows.append(("partition", f"ee-{b}-graph", t, partition_bytes))
     return rows
 
 
@@ -141,9 +137,12 @@ def main(argv=None):
     p.add_argument("--large-n", type=int, default=65536, help="rows for the bandwidth measurement")
     p.add_argument("--d", type=int, default=4096, help="hidden size")
     p.add_argument("--reps", type=int, default=0, help="timed calls per measurement (default: 200 GPU, 20 CPU)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch and the C++ ops (default: torch's)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     reps = args.reps or (200 if device.type == "cuda" else 20)
 
     copy_bw = copy_bandwidth(args.large_n, args.d, device, max(3, reps // 10))
@@ -159,7 +158,10 @@ def main(argv=None):
     name = device_name(device)
     info = earlyexit.build_info()
     print(f"{name}: torch {info['torch']}, triton {info['triton']}, earlyexit {info['version']}")
-    print(f"d={args.d}, hidden {'bf16' if device.type == 'cuda' else 'fp32'} + 2 x int64; ~50% rows kept")
+    print(
+        f"d={args.d}, hidden {'bf16' if device.type == 'cuda' else 'fp32'} + 2 x int64; ~50% rows kept; "
+        f"{torch.get_num_threads()} CPU threads"
+    )
     print(f"copy bandwidth at N={args.large_n}: {copy_bw / 1e9:.1f} GB/s")
     header = f"{'op':10s} {'N':>6s} {'provider':18s} {'us/call':>10s} {'vs torch':>9s} {'GB/s':>8s} {'of copy':>8s}"
     print(header)

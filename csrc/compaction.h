@@ -1,5 +1,5 @@
 // Entry points of the ragged batch compaction kernels, one per device. The binding
-// (compaction_bindings.cpp) checks the arguments; these only compute.
+// (compaction_bindings.cpp) checks the arguments and allocates the outputs; these only compute.
 //
 // Every tensor is [rows, ...] of any dtype with dense rows (trailing dims contiguous, any dim-0 stride):
 // the kernels move each row as raw bytes, so one kernel serves every dtype and trailing shape.

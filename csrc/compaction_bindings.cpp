@@ -1,10 +1,13 @@
-// Torch binding of the compaction kernels: op schemas and argument checks. A fragment of the earlyexit_C
+// Torch binding of the compaction kernels: op schemas, argument checks and output allocation. A fragment of the earlyexit_C
 // library (torch_bindings.cpp defines it and the module); the Python ops earlyexit::compact,
 // earlyexit::partition_rows and earlyexit::scatter_rows call these for backend "cpu"/"cuda" from
 // inside their own implementations (earlyexit/ops/compaction.py), so no fake implementations are needed here.
 #include <torch/library.h>
 
 #include <ATen/ATen.h>
+
+#include <tuple>
+#include <vector>
 
 #include "compaction.h"
 
@@ -32,27 +35,47 @@ void check_rows(const char* op, const at::Tensor& t, const char* what, int64_t r
   }
 }
 
-template <void (*Kernel)(const at::Tensor&, at::TensorList, at::TensorList, const at::Tensor&,
-                         const std::optional<at::Tensor>&, bool)>
-void compaction_op(const at::Tensor& keep, at::TensorList srcs, at::TensorList dsts, const at::Tensor& index,
-                   const std::optional<at::Tensor>& count, bool partition) {
-  constexpr const char* op = "earlyexit_C::compaction";
+using CompactionKernel = void (*)(const at::Tensor&, at::TensorList, at::TensorList, const at::Tensor&,
+                                 const std::optional<at::Tensor>&, bool);
+
+void check_keep_and_sources(const char* op, const at::Tensor& keep, at::TensorList srcs) {
   TORCH_CHECK(keep.dim() == 1 && keep.scalar_type() == at::kBool && keep.is_contiguous(), op,
               ": keep must be a contiguous 1-D bool tensor");
-  const int64_t n = keep.size(0);
-  TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kLong && index.is_contiguous() &&
-                  index.device() == keep.device(),
-              op, ": index must be a contiguous 1-D int64 tensor on ", keep.device());
-  TORCH_CHECK(!partition || index.size(0) == n, op, ": perm must have ", n, " rows");
-  TORCH_CHECK(!partition || (count && count->dim() == 0 && count->scalar_type() == at::kLong &&
-                             count->device() == keep.device()),
-              op, ": a partition needs count, a 0-d int64 tensor on ", keep.device());
+  for (const auto& s : srcs) check_rows(op, s, "a source", keep.size(0), keep.device(), nullptr);
+}
+
+// Returns [srcs[0][keep], ..., index int64 [K]]. The one host synchronization (on a GPU) learns K.
+template <CompactionKernel Kernel>
+std::vector<at::Tensor> compact_op(const at::Tensor& keep, at::TensorList srcs) {
+  check_keep_and_sources("earlyexit_C::compact", keep, srcs);
+  const int64_t k = at::count_nonzero(keep).item<int64_t>();
+  std::vector<at::Tensor> out;
+  out.reserve(srcs.size() + 1);
+  for (const auto& s : srcs) {
+    std::vector<int64_t> shape(s.sizes().begin(), s.sizes().end());
+    shape[0] = k;
+    out.push_back(at::empty(shape, s.options()));
+  }
+  const at::Tensor index = at::empty({k}, keep.options().dtype(at::kLong));
+  Kernel(keep, srcs, at::TensorList(out), index, std::nullopt, false);
+  out.push_back(index);
+  return out;
+}
+
+// Writes the partitioned rows of srcs[i] into dsts[i]; returns (perm int64 [N], count int64 0-d). No sync.
+template <CompactionKernel Kernel>
+std::tuple<at::Tensor, at::Tensor> partition_rows_op(const at::Tensor& keep, at::TensorList srcs,
+                                                     at::TensorList dsts) {
+  constexpr const char* op = "earlyexit_C::partition_rows";
+  check_keep_and_sources(op, keep, srcs);
   TORCH_CHECK(srcs.size() == dsts.size(), op, ": ", srcs.size(), " sources but ", dsts.size(), " destinations");
   for (size_t i = 0; i < srcs.size(); ++i) {
-    check_rows(op, srcs[i], "a source", n, keep.device(), nullptr);
-    check_rows(op, dsts[i], "a destination", index.size(0), keep.device(), &srcs[i]);
+    check_rows(op, dsts[i], "a destination", keep.size(0), keep.device(), &srcs[i]);
   }
-  Kernel(keep, srcs, dsts, index, count, partition);
+  const at::Tensor perm = at::empty({keep.size(0)}, keep.options().dtype(at::kLong));
+  const at::Tensor count = at::empty({}, keep.options().dtype(at::kLong));
+  Kernel(keep, srcs, dsts, perm, count, true);
+  return {perm, count};
 }
 
 template <void (*Kernel)(const at::Tensor&, const at::Tensor&, const at::Tensor&)>
@@ -70,20 +93,21 @@ void scatter_rows_op(const at::Tensor& dest, const at::Tensor& index, const at::
 }  // namespace earlyexit
 
 TORCH_LIBRARY_FRAGMENT(earlyexit_C, m) {
-  m.def(
-      "compaction(Tensor keep, Tensor[] srcs, Tensor(a!)[] dsts, Tensor(b!) index, Tensor(c!)? count, "
-      "bool partition) -> ()");
+  m.def("compact(Tensor keep, Tensor[] srcs) -> Tensor[]");
+  m.def("partition_rows(Tensor keep, Tensor[] srcs, Tensor(a!)[] dsts) -> (Tensor, Tensor)");
   m.def("scatter_rows(Tensor(a!) dest, Tensor index, Tensor src) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(earlyexit_C, CPU, m) {
-  m.impl("compaction", &earlyexit::compaction_op<earlyexit::compaction_cpu>);
+  m.impl("compact", &earlyexit::compact_op<earlyexit::compaction_cpu>);
+  m.impl("partition_rows", &earlyexit::partition_rows_op<earlyexit::compaction_cpu>);
   m.impl("scatter_rows", &earlyexit::scatter_rows_op<earlyexit::scatter_rows_cpu>);
 }
 
 #ifdef EARLYEXIT_WITH_CUDA
 TORCH_LIBRARY_IMPL(earlyexit_C, CUDA, m) {
-  m.impl("compaction", &earlyexit::compaction_op<earlyexit::compaction_cuda>);
+  m.impl("compact", &earlyexit::compact_op<earlyexit::compaction_cuda>);
+  m.impl("partition_rows", &earlyexit::partition_rows_op<earlyexit::compaction_cuda>);
   m.impl("scatter_rows", &earlyexit::scatter_rows_op<earlyexit::scatter_rows_cuda>);
 }
 #endif

@@ -7,13 +7,14 @@ backend and call registered torch.library custom ops with fake implementations, 
 torch.compile(fullgraph=True) traces callers without graph breaks.
 """
 
+import importlib
 from functools import partial
 
 import torch
 
 from earlyexit import backends
 from earlyexit.ops.checks import check_dim, check_dtype, check_rows, check_same_device, check_shape, check_tensor
-from earlyexit.ops.rows import as_words, dense_rows, rows_dense
+from earlyexit.ops.rows import dense_rows, rows_dense
 from earlyexit.reference import compact_reference, partition_rows_reference, scatter_rows_reference
 
 #: "auto" per device type, first that can run. CUDA: the Triton kernel, whose logic the interpreter lane
@@ -27,31 +28,12 @@ _PREFERENCE = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
 # --------------------------------------------------------------------------------------------
 
 
-def _triton_compaction(keep, srcs, dsts, index, count, partition):
-    """The Triton launch on word views: one compiled kernel for every dtype and trailing shape."""
-    from earlyexit.triton_kernels.compaction import compaction_triton
-
-    pairs = [as_words(s, d) for s, d in zip(srcs, dsts)]
-    interpret = keep.device.type == "cpu"
-    compaction_triton(
-        keep.view(torch.uint8), [p[0] for p in pairs], [p[1] for p in pairs], index, count, partition, interpret
-    )
-
-
-def _triton_scatter_rows(dest, index, src):
-    from earlyexit.triton_kernels.compaction import scatter_rows_triton
-
-    dest_words, src_words = as_words(dest, src)
-    scatter_rows_triton(dest_words, index, src_words, interpret=dest.device.type == "cpu")
-
-
-def _launchers(backend):
-    """(compaction, scatter) launchers of a kernel backend. Both take row-dense tensors of any dtype:
-    compaction(keep bool [N], srcs, dsts, index, count or None, partition), scatter(dest, index, src)."""
+def _kernels(backend):
+    """The kernel ops of a backend: compact(keep, srcs), partition_rows(keep, srcs, dsts) and
+    scatter_rows(dest, index, src), on validated tensors with dense rows; C++ ones pick the device."""
     if backend == "triton":
-        return _triton_compaction, _triton_scatter_rows
-    # C++ extension (backend "cpu" or "cuda"); the dispatcher picks the device.
-    return torch.ops.earlyexit_C.compaction, torch.ops.earlyexit_C.scatter_rows
+        return importlib.import_module("earlyexit.ops.compaction_triton")
+    return torch.ops.earlyexit_C
 
 
 def _dense_target(x):
@@ -60,21 +42,12 @@ def _dense_target(x):
 
 
 def _compact_kernel(backend, keep, tensors):
-    # The one host synchronization: K sizes the outputs (free when keep is on the CPU).
-    k = int(torch.count_nonzero(keep))
-    packed = [torch.empty((k, *x.shape[1:]), dtype=x.dtype, device=x.device) for x in tensors]
-    index = torch.empty(k, dtype=torch.int64, device=keep.device)
-    compaction, _ = _launchers(backend)
-    compaction(keep.contiguous(), [dense_rows(x) for x in tensors], packed, index, None, False)
-    return packed + [index]
+    return list(_kernels(backend).compact(keep.contiguous(), [dense_rows(x) for x in tensors]))
 
 
 def _partition_kernel(backend, keep, tensors, out):
     targets = [_dense_target(o) for o in out]
-    perm = torch.empty(keep.shape, dtype=torch.int64, device=keep.device)
-    count = torch.empty((), dtype=torch.int64, device=keep.device)
-    compaction, _ = _launchers(backend)
-    compaction(keep.contiguous(), [dense_rows(x) for x in tensors], targets, perm, count, True)
+    perm, count = _kernels(backend).partition_rows(keep.contiguous(), [dense_rows(x) for x in tensors], targets)
     for o, t in zip(out, targets):
         if t is not o:
             o.copy_(t)
@@ -85,8 +58,7 @@ def _scatter_kernel(backend, dest, index, src):
     target = _dense_target(dest)
     if target is not dest:
         target.copy_(dest)
-    _, scatter = _launchers(backend)
-    scatter(target, index.contiguous(), dense_rows(src))
+    _kernels(backend).scatter_rows(target, index.contiguous(), dense_rows(src))
     if target is not dest:
         dest.copy_(target)
 
