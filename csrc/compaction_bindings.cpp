@@ -1,7 +1,8 @@
-// Torch binding of the compaction kernels: op schemas, argument checks and output allocation. A fragment of the earlyexit_C
-// library (torch_bindings.cpp defines it and the module); the Python ops earlyexit::compact,
-// earlyexit::partition_rows and earlyexit::scatter_rows call these for backend "cpu"/"cuda" from
-// inside their own implementations (earlyexit/ops/compaction.py), so no fake implementations are needed here.
+// Torch binding of the compaction kernels: op schemas, argument checks and output allocation. A fragment
+// of the earlyexit_C library (torch_bindings.cpp defines it and the module). The Python ops
+// earlyexit::compact, earlyexit::partition_rows and earlyexit::scatter_rows call these for backend
+// "cpu"/"cuda" from inside their own implementations (earlyexit/ops/compaction.py), so no fake
+// implementations are needed here.
 #include <torch/library.h>
 
 #include <ATen/ATen.h>

@@ -3,7 +3,7 @@
 // cuda_archs); when the two meet, this file is deleted.
 #include <Python.h>
 
-static PyModuleDef ee_module = {PyModuleDef_HEAD_INIT, "_C", "earlyexit compiled kernels (ops in torch.ops.earlyexit_C)",
-                                -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+static PyModuleDef ee_module = {PyModuleDef_HEAD_INIT, "_C", "earlyexit compiled kernels (torch.ops.earlyexit_C)", -1,
+                                nullptr, nullptr, nullptr, nullptr, nullptr};
 
 PyMODINIT_FUNC PyInit__C() { return PyModule_Create(&ee_module); }
