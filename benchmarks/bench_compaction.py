@@ -4,54 +4,30 @@ The batch is what an early-exit decoder moves at an exit point: hidden [N, d] (b
 CPU, d = 4096) plus two int64 [N] tensors (positions, sequence ids); about half the rows are kept.
 
 Providers, all measured in one run on the same inputs:
-  torch      compact: nonzero(keep), index_select per tensor.
-             partition: perm = cat(nonzero(keep), nonzero(~keep)), index_select per tensor.
-  ee-<name>  each earlyexit backend that can run here (the Triton interpreter is never timed).
+  torch            compact: nonzero(keep), index_select per tensor.
+                   partition: perm = cat(nonzero(keep), nonzero(~keep)), index_select per tensor.
+  ee-<name>        each earlyexit backend that can run here (the Triton interpreter is never timed).
   ee-<name>-out    partition_rows into preallocated out= tensors (how a decode loop calls it).
-  ee-<name>-graph  (CUDA) partition_rows with out= captured once in a CUDA graph, timed as replays.
+  ee-<name>-graph  (CUDA) partition_rows with out= captured in a CUDA graph, timed as replays.
 
 Reported per (op, N, provider): median microseconds per call, the speedup over torch, achieved GB/s
-(bytes read + written, rows and index) and, at the large N, the fraction of the copy bandwidth
-measured in this run (a plain copy of the hidden tensor). A CSV keyed by device and versions goes to
---out (default benchmarks/out/).
+(rows and index read + written) and, at the large N, that as a fraction of the copy bandwidth
+measured in the same run. The CSV, keyed by device and versions, goes to --out (default benchmarks/out/).
 
-Usage: python benchmarks/bench_compaction.py [--device cpu|cuda] [--n 256] [--large-n 65536] [--threads T] [--out DIR]
+Usage: python benchmarks/bench_compaction.py [--device cpu|cuda] [--n 256] [--large-n 65536] [--threads T]
 """
 
 import argparse
-import csv
 import os
-import platform
-import statistics
-import time
-from datetime import datetime, timezone
+import sys
 
 import torch
 
-import earlyexit
-from earlyexit import backends
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_utils import copy_bandwidth, environment, format_table, time_fn, write_csv  # noqa: E402
 
-
-def time_call(fn, device, reps, warmup=3):
-    """Median seconds per call of fn() over reps timed runs (CUDA: events around each call)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+import earlyexit  # noqa: E402
+from earlyexit import backends  # noqa: E402
 
 
 def make_batch(n, d, device, seed=0):
@@ -74,60 +50,39 @@ def torch_partition(keep, tensors):
     return [x.index_select(0, perm) for x in tensors], perm
 
 
-def ee_backends(device):
+def providers(device, keep, tensors):
+    """(op, provider, fn) for every measurement of one batch."""
     names = [b for b in backends.BACKENDS if backends.unavailable_reason(b, device.type) is None]
-    return [b for b in names if not (b == "triton" and device.type == "cpu")]
-
-
-def graph_partition(keep, tensors, backend):
-    """partition_rows captured in a CUDA graph; returns the replay function."""
+    names = [b for b in names if not (b == "triton" and device.type == "cpu")]
     out = tuple(torch.empty_like(x) for x in tensors)
-    earlyexit.partition_rows(keep, *tensors, out=out, backend=backend)  # compile / warm up outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        earlyexit.partition_rows(keep, *tensors, out=out, backend=backend)
-    return graph.replay
+    calls = [("compact", "torch", lambda: torch_compact(keep, tensors))]
+    calls += [("compact", f"ee-{b}", lambda b=b: earlyexit.compact(keep, *tensors, backend=b)) for b in names]
+    calls.append(("partition", "torch", lambda: torch_partition(keep, tensors)))
+    for b in names:
+        calls.append(("partition", f"ee-{b}", lambda b=b: earlyexit.partition_rows(keep, *tensors, backend=b)))
+        part_out = lambda b=b: earlyexit.partition_rows(keep, *tensors, out=out, backend=b)  # noqa: E731
+        calls.append(("partition", f"ee-{b}-out", part_out))
+        if device.type == "cuda":
+            calls.append(("partition", f"ee-{b}-graph", part_out))
+    return calls
 
 
-def measure(n, d, device, reps):
-    """Rows of results for one batch size: (op, provider, seconds, bytes moved)."""
+def measure(n, d, device, env, copy_gbps, bandwidth_row):
     keep, tensors = make_batch(n, d, device)
     k = int(keep.sum())
     row_bytes = sum(x[0].numel() * x.element_size() for x in tensors)
-    compact_bytes = 2 * k * row_bytes + 8 * k + n
-    partition_bytes = 2 * n * row_bytes + 8 * n + n
-    rows = [("compact", "torch", time_call(lambda: torch_compact(keep, tensors), device, reps), compact_bytes)]
-    for b in ee_backends(device):
-        t = time_call(lambda b=b: earlyexit.compact(keep, *tensors, backend=b), device, reps)
-        rows.append(("compact", f"ee-{b}", t, compact_bytes))
-    rows.append(
-        ("partition", "torch", time_call(lambda: torch_partition(keep, tensors), device, reps), partition_bytes)
-    )
-    out = tuple(torch.empty_like(x) for x in tensors)
-    for b in ee_backends(device):
-        t = time_call(lambda b=b: earlyexit.partition_rows(keep, *tensors, backend=b), device, reps)
-        rows.append(("partition", f"ee-{b}", t, partition_bytes))
-        t = time_call(lambda b=b: earlyexit.partition_rows(keep, *tensors, out=out, backend=b), device, reps)
-        rows.append(("partition", f"ee-{b}-out", t, partition_bytes))
-        if device.type == "cuda":
-            t = time_call(graph_partition(keep, tensors, b), device, reps)
-            rows.append(("partition", f"ee-{b}-graph", t, partition_bytes))
+    nbytes = {"compact": 2 * k * row_bytes + 8 * k + n, "partition": 2 * n * row_bytes + 8 * n + n}
+    rows = []
+    for op, provider, fn in providers(device, keep, tensors):
+        ms = time_fn(fn, device, cuda_graph=provider.endswith("-graph"))
+        rows.append(dict(op=op, N=n, provider=provider, us=ms * 1e3, GBps=nbytes[op] / ms / 1e6, **env))
+    for r in rows:
+        base = next(x for x in rows if x["op"] == r["op"] and x["provider"] == "torch")
+        r["speedup_vs_torch"] = base["us"] / r["us"]
+        # Only the large batch streams from memory; a decode batch sits in cache and would read > 100%.
+        r["copy_frac"] = r["GBps"] / copy_gbps if bandwidth_row else None
+        r["copy_GBps"] = copy_gbps
     return rows
-
-
-def copy_bandwidth(n, d, device, reps):
-    """Bytes per second of a plain copy of the hidden tensor (read + write), the ceiling for a row gather."""
-    _, (hidden, *_) = make_batch(n, d, device)
-    dst = torch.empty_like(hidden)
-    t = time_call(lambda: dst.copy_(hidden), device, reps)
-    return 2 * hidden.numel() * hidden.element_size() / t
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None):
@@ -136,65 +91,26 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=256, help="decode batch rows")
     p.add_argument("--large-n", type=int, default=65536, help="rows for the bandwidth measurement")
     p.add_argument("--d", type=int, default=4096, help="hidden size")
-    p.add_argument("--reps", type=int, default=0, help="timed calls per measurement (default: 200 GPU, 20 CPU)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch and the C++ ops (default: torch's)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    reps = args.reps or (200 if device.type == "cuda" else 20)
-
-    copy_bw = copy_bandwidth(args.large_n, args.d, device, max(3, reps // 10))
-    results = []
-    for n, r in ((args.n, reps), (args.large_n, max(3, reps // 10))):
-        for op, provider, t, nbytes in measure(n, args.d, device, r):
-            results.append(dict(op=op, n=n, provider=provider, us=t * 1e6, gbps=nbytes / t / 1e9))
-    for row in results:
-        base = next(x for x in results if x["op"] == row["op"] and x["n"] == row["n"] and x["provider"] == "torch")
-        row["speedup"] = base["us"] / row["us"]
-        row["copy_frac"] = row["gbps"] * 1e9 / copy_bw if row["n"] == args.large_n else float("nan")
-
-    name = device_name(device)
-    info = earlyexit.build_info()
-    print(f"{name}: torch {info['torch']}, triton {info['triton']}, earlyexit {info['version']}")
+    env = environment(device)
+    hidden_bytes = args.large_n * args.d * (2 if device.type == "cuda" else 4)
+    copy_gbps = copy_bandwidth(device, hidden_bytes)
+    print(f"# {env['device']}  torch {env['torch']}  triton {env['triton']}  cuda {env['cuda']}  {env['date']}")
     print(
-        f"d={args.d}, hidden {'bf16' if device.type == 'cuda' else 'fp32'} + 2 x int64; ~50% rows kept; "
-        f"{torch.get_num_threads()} CPU threads"
+        f"# d={args.d}, hidden {'bf16' if device.type == 'cuda' else 'fp32'} + 2 x int64, ~50% rows kept, "
+        f"{torch.get_num_threads()} CPU threads; copy bandwidth measured now: {copy_gbps:.1f} GB/s"
     )
-    print(f"copy bandwidth at N={args.large_n}: {copy_bw / 1e9:.1f} GB/s")
-    header = f"{'op':10s} {'N':>6s} {'provider':18s} {'us/call':>10s} {'vs torch':>9s} {'GB/s':>8s} {'of copy':>8s}"
-    print(header)
-    print("-" * len(header))
-    for row in results:
-        frac = "" if row["copy_frac"] != row["copy_frac"] else f"{row['copy_frac']:.0%}"
-        print(
-            f"{row['op']:10s} {row['n']:6d} {row['provider']:18s} {row['us']:10.1f} "
-            f"{row['speedup']:8.2f}x {row['gbps']:8.1f} {frac:>8s}"
-        )
-
-    os.makedirs(args.out, exist_ok=True)
-    key = "_".join(
-        x.replace(" ", "-").replace("/", "-") for x in (name, f"torch{info['torch']}", f"triton{info['triton']}")
-    )
-    path = os.path.join(args.out, f"compaction_{key}.csv")
-    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["date", "device", "torch", "triton", "d", *results[0].keys(), "copy_gbps"])
-        w.writeheader()
-        for row in results:
-            w.writerow(
-                dict(
-                    date=stamp,
-                    device=name,
-                    torch=info["torch"],
-                    triton=info["triton"],
-                    d=args.d,
-                    **row,
-                    copy_gbps=copy_bw / 1e9,
-                )
-            )
-    print(f"wrote {path}")
+    table = measure(args.n, args.d, device, env, copy_gbps, False)
+    table += measure(args.large_n, args.d, device, env, copy_gbps, True)
+    print(format_table(table, ["op", "N", "provider", "us", "speedup_vs_torch", "GBps", "copy_frac"]))
+    stem = f"compaction_{env['device']}_torch{env['torch']}_triton{env['triton']}".replace("+", "_")
+    write_csv(os.path.join(args.out, stem + ".csv"), table)
+    print(f"wrote {os.path.join(args.out, stem)}.csv")
 
 
 if __name__ == "__main__":
