@@ -118,7 +118,7 @@ def _extensions():
         return [], {}, []
 
     _max_jobs()
-    cxx_flags = ["-O3", "-std=c++17", "-Wall", "-fopenmp"]
+    cxx_flags = ["-O3", "-std=c++20", "-Wall", "-fopenmp"]
     define_macros = [("TORCH_EXTENSION_NAME", "_C")]
     include_dirs = [os.path.join(ROOT, "csrc")]
     library_dirs, cuda_archs = [], []
@@ -147,7 +147,7 @@ def _extensions():
         sources += sources_cu
         define_macros.append(("EARLYEXIT_WITH_CUDA", "1"))
         define_macros.append(("EARLYEXIT_CUDA_ARCHS", '"' + ";".join(cuda_archs) + '"'))
-        extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"] + gencode
+        extra["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"] + gencode
     ext = ext_cls(
         name="earlyexit._C",
         sources=sources,

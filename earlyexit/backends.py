@@ -33,14 +33,15 @@ def _probe_extension():
 
 
 TRITON_VERSION, _TRITON_REASON = _probe_triton()
-_EXT, _EXT_REASON = _probe_extension()
+#: The imported earlyexit._C module (its import registers torch.ops.earlyexit_C), or None if not built.
+EXTENSION, _EXT_REASON = _probe_extension()
 
 
 def _compiled_cuda_archs():
-    if _EXT is None or not hasattr(torch.ops.earlyexit, "cuda_archs"):
+    """CUDA architectures compiled into earlyexit._C, read from the binary (nvcc's __CUDA_ARCH_LIST__)."""
+    if EXTENSION is None:
         return []
-    archs = torch.ops.earlyexit.cuda_archs()
-    return [a for a in archs.split(";") if a]
+    return [a for a in EXTENSION.cuda_archs.split(";") if a]
 
 
 CUDA_ARCHS = _compiled_cuda_archs()
@@ -59,13 +60,13 @@ def unavailable_reason(backend, device_type):
             return None if TRITON_INTERPRET else "triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before import)"
         return f"triton does not support device type {device_type!r}"
     if backend == "cpu":
-        if _EXT is None:
+        if EXTENSION is None:
             return _EXT_REASON
         if device_type != "cpu":
             return f"backend 'cpu' needs CPU tensors, got {device_type!r}"
         return None
     if backend == "cuda":
-        if _EXT is None:
+        if EXTENSION is None:
             return _EXT_REASON
         if not CUDA_ARCHS:
             return "the C++ extension was built without CUDA kernels"
@@ -118,7 +119,7 @@ def build_info():
         "torch_cuda": torch.version.cuda,
         "triton": TRITON_VERSION,
         "triton_interpret": TRITON_INTERPRET,
-        "cpu_ext": _EXT is not None,
+        "cpu_ext": EXTENSION is not None,
         "cuda_archs": list(CUDA_ARCHS),
         "cuda_available": torch.cuda.is_available(),
         "backends": {
