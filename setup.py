@@ -52,8 +52,10 @@ def _find_cuda_home():
             pass
     candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
     for c in candidates:
-        if c and os.path.exists(os.path.join(c, "include", "cuda_runtime.h")) and os.path.exists(
-            os.path.join(c, "bin", "nvcc")
+        if (
+            c
+            and os.path.exists(os.path.join(c, "include", "cuda_runtime.h"))
+            and os.path.exists(os.path.join(c, "bin", "nvcc"))
         ):
             return c
     return None

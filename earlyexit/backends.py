@@ -33,6 +33,7 @@ def _probe_extension():
 
 
 TRITON_VERSION, _TRITON_REASON = _probe_triton()
+CUDA_AVAILABLE = torch.cuda.is_available()
 #: The imported earlyexit._C module (its import registers torch.ops.earlyexit_C), or None if not built.
 EXTENSION, _EXT_REASON = _probe_extension()
 
@@ -49,6 +50,10 @@ CUDA_ARCHS = _compiled_cuda_archs()
 
 def unavailable_reason(backend, device_type):
     """Why ``backend`` cannot run on tensors of ``device_type`` ("cpu"/"cuda"), or None if it can."""
+    if backend not in BACKENDS:
+        return f"unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}"
+    if device_type == "cuda" and not CUDA_AVAILABLE:
+        return "no CUDA device is visible to torch"
     if backend == "torch":
         return None
     if backend == "triton":
@@ -57,7 +62,11 @@ def unavailable_reason(backend, device_type):
         if device_type == "cuda":
             return None
         if device_type == "cpu":
-            return None if TRITON_INTERPRET else "triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before import)"
+            return (
+                None
+                if TRITON_INTERPRET
+                else "triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before import)"
+            )
         return f"triton does not support device type {device_type!r}"
     if backend == "cpu":
         if EXTENSION is None:
@@ -73,7 +82,6 @@ def unavailable_reason(backend, device_type):
         if device_type != "cuda":
             return f"backend 'cuda' needs CUDA tensors, got {device_type!r}"
         return None
-    return f"unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}"
 
 
 def resolve(backend, device_type):
@@ -121,8 +129,6 @@ def build_info():
         "triton_interpret": TRITON_INTERPRET,
         "cpu_ext": EXTENSION is not None,
         "cuda_archs": list(CUDA_ARCHS),
-        "cuda_available": torch.cuda.is_available(),
-        "backends": {
-            name: {dev: unavailable_reason(name, dev) for dev in ("cpu", "cuda")} for name in BACKENDS
-        },
+        "cuda_available": CUDA_AVAILABLE,
+        "backends": {name: {dev: unavailable_reason(name, dev) for dev in ("cpu", "cuda")} for name in BACKENDS},
     }

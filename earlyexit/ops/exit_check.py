@@ -7,7 +7,7 @@ traces callers without graph breaks and treats the kernel as opaque.
 """
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -73,8 +73,8 @@ def exit_check_op(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     threshold: torch.Tensor,
-    norm_weight: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
+    norm_weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
     measure: str,
     norm_eps: float,
     temperature: float,
@@ -85,9 +85,7 @@ def exit_check_op(
     ``backend`` must be concrete ("torch", "triton", "cpu", "cuda"). Returns the seven
     :class:`ExitResult` fields as [N] tensors.
     """
-    return tuple(
-        _IMPLS[backend](hidden, weight, threshold, norm_weight, bias, measure, norm_eps, temperature)
-    )
+    return tuple(_IMPLS[backend](hidden, weight, threshold, norm_weight, bias, measure, norm_eps, temperature))
 
 
 @exit_check_op.register_fake

@@ -1,0 +1,179 @@
+"""Benchmark of the fused exit check against the PyTorch ways of computing the same statistics.
+
+Providers (all in one run, same inputs):
+  eager      RMSNorm, logits = x @ W.T materialized [N, V], float32 softmax, max, top-2, entropy, lse
+  compile    torch.compile of the eager function
+  chunked    the eager function over row chunks, so the logits buffer stays bounded
+  ee-<name>  each earlyexit backend that can run here (the Triton interpreter is never timed)
+
+Reported per (provider, N, d, V): median ms, achieved GB/s (weight + hidden + outputs, the bytes a
+fused kernel must move) and TFLOP/s (2 N d V), the fraction of the roofline time
+max(bytes / copy bandwidth, flops / matmul rate) with both ceilings measured at the start of this
+run, the speedup against eager, and on CUDA the extra memory allocated by the call.
+
+Usage: python benchmarks/bench_exit_check.py [--device cuda] [--set full|reduced] [--out DIR]
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_utils import (  # noqa: E402
+    copy_bandwidth,
+    environment,
+    format_table,
+    matmul_rate,
+    plot_lines,
+    time_fn,
+    write_csv,
+)
+
+import earlyexit  # noqa: E402
+from earlyexit import backends  # noqa: E402
+
+HEADS = {
+    "full": [(576, 49152), (2048, 32000), (4096, 128256), (8192, 128256)],
+    "reduced": [(576, 49152), (4096, 128256)],
+}
+ROWS = {"full": [1, 8, 32, 64, 256, 1024, 4096], "reduced": [1, 8, 64, 1024]}
+CPU_HEADS = {"full": [(576, 49152), (2048, 32000)], "reduced": [(576, 49152)]}
+CPU_ROWS = {"full": [1, 8, 64, 256], "reduced": [1, 8, 64]}
+EPS = 1e-6
+
+
+def eager_exit_stats(hidden, weight, norm_weight):
+    """The plain PyTorch exit check: materializes [N, V] logits and runs the statistics over them."""
+    x = hidden.float()
+    x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS)).to(hidden.dtype) * norm_weight
+    logits = (x @ weight.T).float()
+    lse = torch.logsumexp(logits, -1)
+    logp = logits - lse[:, None]
+    p = logp.exp()
+    top = torch.topk(p, 2, dim=-1)
+    entropy = -(p * logp).sum(-1)
+    return top.indices[:, 0], top.values[:, 0], top.values[:, 0] - top.values[:, 1], entropy, lse
+
+
+def chunked_exit_stats(hidden, weight, norm_weight, budget_bytes=256 << 20):
+    """eager_exit_stats over row chunks sized so one chunk's float32 logits fit in ``budget_bytes``."""
+    rows = max(1, budget_bytes // (4 * weight.shape[0]))
+    parts = [eager_exit_stats(hidden[i : i + rows], weight, norm_weight) for i in range(0, hidden.shape[0], rows)]
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
+def providers(device):
+    compiled = torch.compile(eager_exit_stats, dynamic=False)
+    out = {
+        "eager": eager_exit_stats,
+        "compile": compiled,
+        "chunked": chunked_exit_stats,
+    }
+    for name in backends.BACKENDS:
+        if backends.unavailable_reason(name, device.type) is None and not (name == "triton" and device.type == "cpu"):
+            out[f"ee-{name}"] = lambda h, w, g, _b=name: earlyexit.exit_check(h, w, 0.9, norm_weight=g, backend=_b)
+    return out
+
+
+def extra_memory(fn, device):
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def run(device, dtype, heads, rows, only=None):
+    env = environment(device)
+    bw = copy_bandwidth(device)
+    rate = matmul_rate(device, dtype)
+    print(f"# {env['device']}  torch {env['torch']}  triton {env['triton']}  cuda {env['cuda']}  {env['date']}")
+    print(f"# ceilings measured now: copy {bw:.1f} GB/s, {str(dtype).split('.')[-1]} matmul {rate:.2f} TFLOP/s")
+    table = []
+    provs = providers(device)
+    elt = torch.tensor([], dtype=dtype).element_size()
+    for d, v in heads:
+        weight = (torch.randn(v, d, device=device) / d**0.5).to(dtype)
+        norm_weight = (torch.rand(d, device=device) + 0.5).to(dtype)
+        for n in rows:
+            hidden = torch.randn(n, d, device=device).to(dtype)
+            nbytes = (v * d + n * d) * elt + n * (8 + 1 + 5 * 4)
+            flops = 2 * n * d * v
+            floor_ms = max(nbytes / bw / 1e6, flops / rate / 1e9)
+            results = {}
+            for name, fn in provs.items():
+                if only and name not in only:
+                    continue
+                call = lambda fn=fn, h=hidden, w=weight, g=norm_weight: fn(h, w, g)  # noqa: E731
+                try:
+                    ms = time_fn(call, device, cuda_graph=device.type == "cuda" and n <= 64)
+                    mem = extra_memory(call, device)
+                except torch.OutOfMemoryError:
+                    print(f"  {name} N={n} d={d} V={v}: out of memory")
+                    torch.cuda.empty_cache()
+                    continue
+                results[name] = ms
+                table.append(
+                    dict(
+                        provider=name,
+                        N=n,
+                        d=d,
+                        V=v,
+                        head=f"d={d} V={v}",
+                        dtype=str(dtype).split(".")[-1],
+                        ms=ms,
+                        GBps=nbytes / ms / 1e6,
+                        TFLOPs=flops / ms / 1e9,
+                        roofline_frac=floor_ms / ms,
+                        extra_MiB=mem,
+                        copy_GBps=bw,
+                        matmul_TFLOPs=rate,
+                        **env,
+                    )
+                )
+            for r in table:
+                if r["N"] == n and r["d"] == d and r["V"] == v and "eager" in results:
+                    r["speedup_vs_eager"] = results["eager"] / r["ms"]
+    return table
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="bfloat16 on CUDA, float32 on CPU by default")
+    p.add_argument("--set", default="reduced", choices=["reduced", "full"], help="shape set")
+    p.add_argument("--rows", default=None, help="comma-separated N values, overriding the set")
+    p.add_argument("--providers", default=None, help="comma-separated provider names to run")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    heads = (HEADS if device.type == "cuda" else CPU_HEADS)[args.set]
+    rows = (
+        [int(x) for x in args.rows.split(",")] if args.rows else (ROWS if device.type == "cuda" else CPU_ROWS)[args.set]
+    )
+    table = run(device, dtype, heads, rows, only=args.providers.split(",") if args.providers else None)
+    cols = ["provider", "N", "d", "V", "ms", "GBps", "TFLOPs", "roofline_frac", "speedup_vs_eager", "extra_MiB"]
+    print(format_table(table, cols))
+    if table:
+        stem = f"exit_check_{table[0]['device']}_torch{table[0]['torch']}".replace("+", "_")
+        write_csv(os.path.join(args.out, stem + ".csv"), table)
+        plot_lines(
+            os.path.join(args.out, stem + ".png"),
+            table,
+            x="N",
+            y="ms",
+            series="provider",
+            group="head",
+            title=f"exit check, {table[0]['device']}, {table[0]['dtype']}",
+        )
+        print(f"wrote {os.path.join(args.out, stem)}.csv/.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Ground truth (float64) and the naive same-dtype torch computation for exit-check tests.
+
+Tolerance scheme (from Cut Cross-Entropy): a backend's error against the float64 ground truth may
+exceed the error of plain torch in the same dtype by at most tol(dtype).
+"""
+
+import torch
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+STATS = ("max_prob", "margin", "entropy", "lse")
+
+
+def logits_float64(hidden, weight, norm_weight=None, bias=None, temperature=1.0, eps=1e-6):
+    """[N, V] float64 logits of 2-D hidden rows: the ground truth."""
+    x = hidden.double()
+    if norm_weight is not None:
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.double()
+    z = x @ weight.double().T
+    if bias is not None:
+        z = z + bias.double()
+    return z / temperature
+
+
+def logits_naive(hidden, weight, norm_weight=None, bias=None, temperature=1.0, eps=1e-6):
+    """[N, V] float32 logits computed as an eager HF model does, in the input dtype."""
+    x = hidden
+    if norm_weight is not None:
+        xf = x.float()
+        x = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(hidden.dtype) * norm_weight.to(hidden.dtype)
+    z = torch.nn.functional.linear(x, weight, None if bias is None else bias.to(hidden.dtype))
+    return z.float() / temperature
+
+
+def stats_from_logits(z):
+    """Dict of token/max_prob/margin/entropy/lse (float64) from full [N, V] logits."""
+    z = z.double()
+    lse = torch.logsumexp(z, -1)
+    p = torch.exp(z - lse[:, None])
+    top = torch.topk(p, min(2, z.shape[1]), dim=-1).values
+    max_prob = top[:, 0]
+    margin = max_prob - top[:, 1] if z.shape[1] > 1 else max_prob.clone()
+    entropy = -torch.xlogy(p, p).sum(-1)
+    return {"token": z.argmax(-1), "max_prob": max_prob, "margin": margin, "entropy": entropy, "lse": lse}
+
+
+def max_err(result, truth, rows):
+    """Per-statistic max abs error over the selected rows."""
+    return {
+        k: (getattr(result, k).double().reshape(-1)[rows] - truth[k][rows]).abs().max().item() if rows.any() else 0.0
+        for k in STATS
+    }
+
+
+def assert_tokens_close(token, z_true, z_naive, rows, dtype):
+    """Tokens must be argmax of the ground truth, except where another logit is within tolerance of the max."""
+    token = token.reshape(-1)[rows]
+    zt = z_true[rows]
+    slack = 2 * (z_naive.double()[rows] - zt).abs().amax(-1) + TOL[dtype] * (1 + zt.abs().amax(-1))
+    chosen = zt.gather(1, token[:, None].clamp(min=0))[:, 0]
+    gap = zt.amax(-1) - chosen
+    bad = (token < 0) | (gap > slack)
+    assert not bad.any(), f"tokens off the argmax beyond tolerance at rows {bad.nonzero().flatten().tolist()[:5]}"
+
+
+def expected_exit(conf, threshold, measure):
+    return conf <= threshold if measure == "entropy" else conf >= threshold

@@ -1,0 +1,315 @@
+"""Contract tests of earlyexit.exit_check, written once and run on every backend that can run here."""
+
+import math
+
+import pytest
+import torch
+from backend_matrix import runnable_backends
+from exit_check_oracle import (
+    STATS,
+    TOL,
+    assert_tokens_close,
+    expected_exit,
+    logits_float64,
+    logits_naive,
+    max_err,
+    stats_from_logits,
+)
+
+import earlyexit
+from earlyexit import exit_check
+
+BACKENDS = runnable_backends()
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# (N, d, V, with RMSNorm, with bias): every N in {0,1,3,17,70}, d in {8,57,96}, V in {1,2,111,1000,5003}.
+SHAPES = [
+    (0, 8, 111, True, False),
+    (1, 8, 1, False, True),
+    (1, 57, 2, True, True),
+    (3, 96, 111, True, False),
+    (3, 8, 5003, False, False),
+    (17, 57, 1000, True, True),
+    (17, 96, 2, False, False),
+    (70, 96, 5003, True, True),
+    (70, 57, 111, False, True),
+]
+
+
+def make_inputs(n, d, v, dtype, device, norm=True, bias=True, scale=1.0):
+    hidden = (torch.randn(n, d) * scale).to(dtype).to(device)
+    weight = (torch.randn(v, d) / math.sqrt(d) * 4).to(dtype).to(device)
+    norm_weight = (torch.rand(d) + 0.5).to(dtype).to(device) if norm else None
+    b = torch.randn(v).to(dtype).to(device) if bias else None
+    return hidden, weight, norm_weight, b
+
+
+def check_against_truth(res, hidden, weight, norm_weight, bias, temperature=1.0, measure="max_prob", thr=None):
+    """Asserts the tolerance contract for every statistic, the tokens and the exit decisions."""
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    z_true = logits_float64(h2, weight, norm_weight, bias, temperature)
+    z_naive = logits_naive(h2, weight, norm_weight, bias, temperature)
+    truth = stats_from_logits(z_true)
+    naive = stats_from_logits(z_naive)
+    rows = torch.isfinite(truth["lse"])
+    err = max_err(res, truth, rows)
+    err_naive = {k: (naive[k][rows] - truth[k][rows]).abs().max().item() if rows.any() else 0.0 for k in STATS}
+    tol = TOL[hidden.dtype]
+    lse_scale = 1.0 + (truth["lse"][rows].abs().max().item() if rows.any() else 0.0)
+    for k in STATS:
+        allowed = err_naive[k] + tol * (lse_scale if k == "lse" else 1.0)
+        assert err[k] <= allowed, f"{k}: err {err[k]:.3g} > naive {err_naive[k]:.3g} + tol"
+    assert_tokens_close(res.token, z_true, z_naive, rows, hidden.dtype)
+    if thr is not None:
+        conf = getattr(res, {"max_prob": "max_prob", "margin": "margin", "entropy": "entropy"}[measure])
+        assert torch.equal(res.confidence, conf)
+        want = expected_exit(res.confidence, thr, measure) & torch.isfinite(res.lse)
+        assert torch.equal(res.exit, want)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("n,d,v,norm,bias", SHAPES)
+def test_matches_float64_ground_truth(backend, device, dtype, n, d, v, norm, bias):
+    hidden, weight, norm_weight, b = make_inputs(n, d, v, dtype, device, norm, bias)
+    res = exit_check(hidden, weight, 0.5, norm_weight=norm_weight, bias=b, backend=backend)
+    assert res.token.shape == (n,) and res.token.dtype == torch.int64
+    assert res.exit.dtype == torch.bool
+    for k in ("confidence", *STATS):
+        assert getattr(res, k).dtype == torch.float32 and getattr(res, k).shape == (n,)
+    if n:
+        check_against_truth(res, hidden, weight, norm_weight, b, thr=0.5)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("measure", ["max_prob", "margin", "entropy"])
+def test_measures_split_rows_at_threshold(backend, device, measure):
+    hidden, weight, norm_weight, b = make_inputs(40, 57, 300, torch.float32, device)
+    hidden[::2] *= 4  # sharper rows: a spread of confidences
+    ref = exit_check(hidden, weight, 0.0, measure=measure, norm_weight=None, bias=b, backend="torch")
+    thr = ref.confidence.median().item()
+    res = exit_check(hidden, weight, thr, measure=measure, bias=b, backend=backend)
+    assert 0 < int(res.exit.sum()) < 40, "threshold should split the batch"
+    check_against_truth(res, hidden, weight, None, b, measure=measure, thr=thr)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_temperature(backend, device):
+    hidden, weight, norm_weight, b = make_inputs(5, 57, 111, torch.float32, device)
+    res = exit_check(hidden, weight, 0.5, norm_weight=norm_weight, bias=b, temperature=0.37, backend=backend)
+    check_against_truth(res, hidden, weight, norm_weight, b, temperature=0.37)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_strided_rows_and_leading_dims(backend, device):
+    buf = torch.randn(2, 6, 64, device=device)
+    hidden = buf[:, ::2, :57]  # [2, 3, 57]: strided rows, unit last-dim stride
+    weight = torch.randn(111, 57, device=device)
+    res = exit_check(hidden, weight, 0.1, backend=backend)
+    assert res.token.shape == (2, 3)
+    flat = exit_check(hidden.reshape(6, 57).contiguous(), weight, 0.1, backend=backend)
+    # The reference's BLAS may round strided and packed rows 1 ulp apart; kernels match bitwise.
+    for a, b in zip(res, flat):
+        torch.testing.assert_close(a.reshape(-1), b, equal_nan=True)
+    # Leading dims that cannot be viewed as rows (transposed) are handled too.
+    t = torch.randn(3, 2, 57, device=device).transpose(0, 1)
+    res_t = exit_check(t, weight, 0.1, backend=backend)
+    ref_t = exit_check(t.contiguous(), weight, 0.1, backend=backend)
+    assert torch.equal(res_t.token, ref_t.token)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_per_row_thresholds(backend, device):
+    hidden, weight, _, _ = make_inputs(6, 57, 111, torch.float32, device, norm=False, bias=False)
+    base = exit_check(hidden, weight, 0.0, backend=backend)
+    thr = base.max_prob.clone()
+    thr[::2] += 1e-3  # just above: these rows must not exit
+    thr[1::2] -= 1e-3  # just below: these must
+    res = exit_check(hidden, weight, thr, backend=backend)
+    assert res.exit.tolist() == [False, True] * 3
+    # Broadcast: [2, 1] thresholds against leading dims [2, 3].
+    res2 = exit_check(hidden.reshape(2, 3, 57), weight, torch.tensor([[0.0], [2.0]], device=device), backend=backend)
+    assert res2.exit.tolist() == [[True] * 3, [False] * 3]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_neg_inf_bias_entries(backend, device):
+    hidden, weight, norm_weight, b = make_inputs(9, 57, 1000, torch.float32, device)
+    plain = exit_check(hidden, weight, 0.5, norm_weight=norm_weight, bias=b, backend="torch")
+    b = b.clone()
+    b[plain.token] = -math.inf  # mask every row's favourite
+    b[::7] = -math.inf
+    res = exit_check(hidden, weight, 0.5, norm_weight=norm_weight, bias=b, backend=backend)
+    assert torch.isfinite(res.lse).all() and torch.isfinite(res.entropy).all()
+    assert not torch.isin(res.token, plain.token).any()
+    check_against_truth(res, hidden, weight, norm_weight, b, thr=0.5)
+    # All columns masked: no finite logit, so no distribution: the row is invalid, never exits.
+    allmask = torch.full_like(b, -math.inf)
+    dead = exit_check(hidden, weight, 0.0, bias=allmask, backend=backend)
+    assert not dead.exit.any() and (dead.token == -1).all() and dead.max_prob.isnan().all()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_nonfinite_rows_never_exit_and_do_not_disturb(backend, device, dtype):
+    hidden, weight, norm_weight, b = make_inputs(8, 57, 111, dtype, device)
+    clean = exit_check(hidden, weight, 0.0, norm_weight=norm_weight, bias=b, backend=backend)
+    assert clean.exit.all()
+    dirty = hidden.clone()
+    dirty[1, 3] = math.nan
+    dirty[4, 0] = math.inf
+    dirty[6, 10] = -math.inf
+    res = exit_check(dirty, weight, 0.0, norm_weight=norm_weight, bias=b, backend=backend)
+    bad = torch.zeros(8, dtype=torch.bool, device=device)
+    bad[[1, 4, 6]] = True
+    assert not res.exit[bad].any()
+    assert (res.token[bad] == -1).all() and res.confidence[bad].isnan().all()
+    for a, c in zip(res, clean):
+        assert torch.equal(a[~bad], c[~bad])
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_nonfinite_weight_row_invalidates_rows(backend, device):
+    hidden, weight, _, _ = make_inputs(4, 8, 111, torch.float32, device, norm=False, bias=False)
+    weight = weight.clone()
+    weight[50, 2] = math.nan
+    res = exit_check(hidden, weight, 0.0, backend=backend)
+    assert not res.exit.any() and (res.token == -1).all()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_huge_logits(backend, device, dtype):
+    hidden, weight, _, b = make_inputs(5, 96, 1000, dtype, device, norm=False)
+    scale = 1e4 / logits_float64(hidden, weight).abs().max().item()
+    hidden = (hidden.float() * scale).to(dtype)
+    res = exit_check(hidden, weight, 0.5, bias=b, backend=backend)
+    assert torch.isfinite(res.lse).all() and res.lse.abs().max() > 1e3
+    check_against_truth(res, hidden, weight, None, b)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_exact_ties_pick_lowest_index(backend, device, dtype):
+    # Small integers: every dot product is exact in float32, so identical weight rows tie exactly.
+    d, v = 16, 700
+    signs = torch.randint(0, 2, (4, d)) * 2 - 1
+    hidden = (signs * torch.randint(1, 3, (4, d))).to(dtype).to(device)
+    for r in range(4):
+        weight = torch.randint(-1, 2, (v, d)).to(dtype).to(device)
+        tied = [10 + r, 400 + r, 699 - r]
+        weight[tied] = (3 * signs[r]).to(dtype).to(device)  # 3 * sum|h| beats any other row's dot
+        res = exit_check(hidden[r : r + 1], weight, 0.0, backend=backend)
+        assert res.token.item() == 10 + r
+        assert res.margin.item() == 0.0
+        assert abs(res.max_prob.item() - 1 / 3) < 1e-6
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_vocab_of_one(backend, device):
+    hidden, weight, _, _ = make_inputs(3, 8, 1, torch.float32, device, norm=False, bias=False)
+    res = exit_check(hidden, weight, 0.99, backend=backend)
+    assert (res.token == 0).all() and (res.max_prob == 1).all() and (res.margin == 1).all()
+    assert res.exit.all() and (res.entropy.abs() < 1e-6).all()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_empty_batch(backend, device):
+    weight = torch.randn(111, 57, device=device)
+    res = exit_check(torch.empty(2, 0, 57, device=device), weight, 0.5, backend=backend)
+    assert all(t.shape == (2, 0) for t in res)
+    assert res.token.dtype == torch.int64 and res.exit.dtype == torch.bool
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_deterministic(backend, device):
+    hidden, weight, norm_weight, b = make_inputs(17, 96, 5003, torch.float32, device)
+    a = exit_check(hidden, weight, 0.5, norm_weight=norm_weight, bias=b, backend=backend)
+    c = exit_check(hidden, weight, 0.5, norm_weight=norm_weight, bias=b, backend=backend)
+    for x, y in zip(a, c):
+        assert torch.equal(x, y)  # no NaN here, so equal means bitwise equal
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_opcheck(backend, device):
+    hidden, weight, norm_weight, b = make_inputs(3, 57, 111, torch.float32, device)
+    thr = torch.full((3,), 0.5, device=device)
+    torch.library.opcheck(
+        torch.ops.earlyexit.exit_check.default,
+        (hidden, weight, thr, norm_weight, b, "max_prob", 1e-6, 1.0, backend),
+    )
+
+
+def test_torch_compile_fullgraph():
+    hidden, weight, norm_weight, b = make_inputs(5, 57, 111, torch.float32, "cpu")
+
+    def step(h, thr):
+        r = exit_check(h * 2, weight, thr, measure="margin", norm_weight=norm_weight, bias=b)
+        return r.token.where(r.exit, -2), r.confidence
+
+    compiled = torch.compile(step, fullgraph=True)
+    for thr in (0.1, torch.full((5,), 0.3)):
+        got, want = compiled(hidden, thr), step(hidden, thr)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_errors_name_the_argument():
+    h, w, g, b = make_inputs(3, 8, 11, torch.float32, "cpu")
+    cases = [
+        (dict(weight=w.half()), "weight"),
+        (dict(weight=torch.randn(11, 9)), "weight"),
+        (dict(weight=torch.randn(11, 8, 1)), "weight"),
+        (dict(hidden=torch.randint(0, 3, (3, 8))), "hidden"),
+        (dict(weight=torch.randint(0, 3, (11, 8))), "weight"),
+        (dict(bias=torch.randn(10)), "bias"),
+        (dict(norm_weight=torch.randn(7)), "norm_weight"),
+        (dict(measure="top1"), "measure"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(threshold=torch.ones(4)), "threshold"),
+        (dict(threshold="high"), "threshold"),
+        (dict(norm_eps=-1.0), "norm_eps"),
+        (dict(backend="fastest"), "backend"),
+        (dict(weight=torch.randn(0, 8)), "weight"),
+        (dict(weight=torch.randn(8, 11).T), "weight"),
+    ]
+    for override, name in cases:
+        kw = dict(hidden=h, weight=w, threshold=0.5, norm_weight=g, bias=b)
+        kw.update(override)
+        hidden, weight, threshold = kw.pop("hidden"), kw.pop("weight"), kw.pop("threshold")
+        with pytest.raises(ValueError, match=name):
+            exit_check(hidden, weight, threshold, **kw)
+
+
+def test_errors_on_other_device():
+    h, w, _, _ = make_inputs(3, 8, 11, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="bias"):
+        exit_check(h, w, 0.5, bias=torch.randn(11, device="meta"))
+    with pytest.raises(ValueError, match="weight"):
+        exit_check(h, w.to("meta"), 0.5)
+
+
+def test_unavailable_backend_says_why():
+    h, w, _, _ = make_inputs(3, 8, 11, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="cuda"):
+        exit_check(h, w, 0.5, backend="cuda")
+
+
+def test_build_info_reports_backends():
+    info = earlyexit.build_info()
+    for key in ("torch", "triton", "cpu_ext", "cuda_archs", "backends"):
+        assert key in info
+    assert info["torch"] == torch.__version__
+    assert isinstance(info["cuda_archs"], list)
+    assert info["backends"]["torch"]["cpu"] is None
+    assert isinstance(info["backends"]["cuda"]["cpu"], str)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1, 8, 64, 300])
+@pytest.mark.parametrize("backend", [b.values[0] for b in BACKENDS if b.values[1] == "cuda"] or ["triton"])
+def test_real_head_sizes_on_gpu(backend, n):
+    """bf16 at a real head size on the GPU: decode row counts and a prefill-sized block."""
+    hidden, weight, norm_weight, b = make_inputs(n, 2048, 32000, torch.bfloat16, "cuda", bias=False)
+    res = exit_check(hidden, weight, 0.5, norm_weight=norm_weight, backend=backend)
+    check_against_truth(res, hidden, weight, norm_weight, None, thr=0.5)
