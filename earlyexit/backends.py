@@ -104,11 +104,16 @@ def resolve(backend, device_type):
 def auto_backend(device_type):
     """The backend "auto" picks for a device: the fastest one that can run.
 
-    CUDA: the Triton kernel (one fused launch, never materializes logits); the reference otherwise.
-    CPU: the reference (chunked GEMM + statistics); the Triton interpreter is for testing, never picked.
+    CPU: the C++ kernel when built. Measured (benchmarks/results/cpu_exit_check.md, d=576, V=49152,
+    float32, 2 cores) faster than the reference at N = 1, 8 and 64; the Triton interpreter is for
+    testing, never picked. CUDA: the Triton kernel. The CUDA extension kernel has not been timed on a
+    GPU yet (built and unit-tested on CPU-only machines), so it is only used when asked for by name
+    until benchmarks/bench_exit_check.py shows where it wins.
     """
     if device_type == "cuda" and unavailable_reason("triton", "cuda") is None:
         return "triton"
+    if device_type == "cpu" and unavailable_reason("cpu", "cpu") is None:
+        return "cpu"
     return "torch"
 
 

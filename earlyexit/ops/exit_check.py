@@ -12,8 +12,8 @@ from typing import NamedTuple
 import torch
 
 from earlyexit import backends
-from earlyexit.ops.extension import run_extension
 from earlyexit.ops.checks import check_float_dtype, check_same_device, check_shape, check_tensor
+from earlyexit.ops.extension import run_extension
 from earlyexit.reference import MEASURES, exit_check_reference
 
 
