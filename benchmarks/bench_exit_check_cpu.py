@@ -32,22 +32,26 @@ def eager(hidden, weight, norm_weight, eps, threshold):
     return top.indices[:, 0], max_prob >= threshold, max_prob, max_prob - top.values[:, 1], entropy, lse
 
 
-def median_seconds(fn, reps, warmup=2):
-    for _ in range(warmup):
-        fn()
-    times = []
+def median_seconds(fns, reps, warmup=2):
+    """Median wall time of each callable in ``fns`` (a dict), timed round-robin so that load from other
+    processes during the run hits every provider alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def copy_bandwidth(nbytes, reps):
     """GB/s of dst.copy_(src) over nbytes (read + write bytes counted), a memory roofline for this run."""
     src = torch.empty(nbytes // 4, dtype=torch.float32).normal_()
     dst = torch.empty_like(src)
-    return 2 * nbytes / median_seconds(lambda: dst.copy_(src), reps) / 1e9
+    return 2 * nbytes / median_seconds({"copy": lambda: dst.copy_(src)}, reps)["copy"] / 1e9
 
 
 def main(argv=None):
@@ -79,7 +83,7 @@ def main(argv=None):
                 providers[f"earlyexit {backend}"] = lambda h=hidden, b=backend: earlyexit.exit_check(
                     h, weight, 0.5, norm_weight=norm_weight, backend=b
                 )
-        times = {name: median_seconds(fn, args.reps) for name, fn in providers.items()}
+        times = median_seconds(providers, args.reps)
         nbytes = wbytes + hidden.numel() * hidden.element_size()
         for name, sec in times.items():
             gbs = nbytes / sec / 1e9

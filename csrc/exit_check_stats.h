@@ -24,15 +24,14 @@ namespace earlyexit {
 
 enum Measure : int { kMaxProb = 0, kMargin = 1, kEntropy = 2 };
 
+// 32 bytes: bad sits in the padding before idx.
 struct RowStats {
   float m, s, t, top1, top2;
-  int64_t idx;
   bool bad;
+  int64_t idx;
 };
 
-EE_HD RowStats empty_stats() {
-  return RowStats{-INFINITY, 0.f, 0.f, -INFINITY, -INFINITY, INT64_MAX, false};
-}
+EE_HD RowStats empty_stats() { return RowStats{-INFINITY, 0.f, 0.f, -INFINITY, -INFINITY, false, INT64_MAX}; }
 
 EE_HD float safe_max(float m) { return m == -INFINITY ? 0.f : m; }
 

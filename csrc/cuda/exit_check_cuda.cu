@@ -115,7 +115,7 @@ void launch_decode_rg(const cuda::Params<T>& p, const at::Tensor& like, cudaStre
   const int groups = (p.n + RG - 1) / RG;
   // Enough blocks to fill every SM a few times over, but at least kWarps columns per slice.
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  int64_t slices = std::clamp<int64_t>((4 * sms + groups - 1) / groups, 1, (p.v + cuda::kWarps - 1) / cuda::kWarps);
+  int64_t slices = std::max<int64_t>(1, std::min<int64_t>((4 * sms + groups - 1) / groups, p.v / cuda::kWarps));
   const int64_t cols = (p.v + slices - 1) / slices;
   slices = (p.v + cols - 1) / cols;  // no empty slices
   const int64_t parts = static_cast<int64_t>(groups) * slices * RG;
@@ -136,8 +136,9 @@ void launch_decode_rg(const cuda::Params<T>& p, const at::Tensor& like, cudaStre
 // shared memory) and the vector width (16-byte loads when d and the weight rows are 16-byte aligned).
 template <typename T>
 void launch_decode(const cuda::Params<T>& p, const at::Tensor& like, cudaStream_t stream) {
-  const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin - sizeof(RowStats) * cuda::kThreads -
-                       64;  // static shared memory of the kernel
+  // Opt-in shared memory per block, less the kernel's static arrays (RowStats per thread + flags).
+  const size_t limit =
+      at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin - sizeof(RowStats) * cuda::kThreads - 1024;
   int rg = p.n <= 1 ? 1 : p.n <= 2 ? 2 : p.n <= 4 ? 4 : 8;
   while (rg > 1 && static_cast<size_t>(rg) * p.d * sizeof(T) > limit) rg /= 2;
   TORCH_CHECK(static_cast<size_t>(rg) * p.d * sizeof(T) <= limit, "earlyexit_C::exit_check (cuda): d = ", p.d,
@@ -169,7 +170,8 @@ void launch_decode(const cuda::Params<T>& p, const at::Tensor& like, cudaStream_
 }
 
 // Larger N: normalized rows once ([N, d], dtype T), then per vocabulary chunk one cuBLAS GEMM with float32
-// output into an [N, C] buffer (C: ~64 MiB of logits at most) and one statistics kernel over it.
+// output into an [N, C] buffer (C: 16 MiB of logits, so they are re-read from L2, not DRAM) and one
+// statistics kernel over it.
 // Bytes per chunk: C*d*elt weight + N*d*elt rows (L2) + 2 * N*C*4 logits (written, re-read from L2).
 template <typename T>
 void launch_chunked(const cuda::Params<T>& p, const ExitArgs& a, cudaStream_t stream) {
@@ -179,7 +181,7 @@ void launch_chunked(const cuda::Params<T>& p, const ExitArgs& a, cudaStream_t st
   cuda::normalize_kernel<T><<<static_cast<unsigned>((n + cuda::kWarps - 1) / cuda::kWarps), cuda::kThreads, 0, stream>>>(
       p, reinterpret_cast<T*>(xn.mutable_data_ptr()), finite.mutable_data_ptr<bool>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int64_t cols = std::clamp<int64_t>((int64_t{16} << 20) / n / 128 * 128, 128, v);
+  const int64_t cols = std::min(v, std::max<int64_t>((int64_t{4} << 20) / n / 128 * 128, 128));
   at::Tensor zbuf = at::empty({n * cols}, a.weight.options().dtype(at::kFloat));
   at::Tensor running = at::empty({n * static_cast<int64_t>(sizeof(RowStats))}, a.weight.options().dtype(at::kByte));
   for (int64_t v0 = 0; v0 < v; v0 += cols) {
