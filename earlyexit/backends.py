@@ -137,3 +137,17 @@ def build_info():
         "cuda_available": CUDA_AVAILABLE,
         "backends": {name: {dev: unavailable_reason(name, dev) for dev in ("cpu", "cuda")} for name in BACKENDS},
     }
+
+
+def resolve_preferred(backend, device_type, preference):
+    """Like :func:`resolve`, but "auto" picks the first backend of ``preference`` that can run here.
+
+    ``preference`` maps a device type to an ordered tuple of backend names; the reference "torch"
+    is the last resort. Ops whose best backend differs from the exit check's use this.
+    """
+    if backend != "auto":
+        return resolve(backend, device_type)
+    for name in preference.get(device_type, ()):
+        if unavailable_reason(name, device_type) is None:
+            return name
+    return "torch"

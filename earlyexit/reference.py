@@ -120,3 +120,51 @@ def exit_check_reference(
     if stats is None:  # V == 0 is rejected by validation; keep the reference total anyway.
         raise ValueError("weight: expected at least one vocabulary row")
     return finalize_stats(stats, hidden_finite, threshold, measure)
+
+
+# --------------------------------------------------------------------------------------------
+# Ragged batch compaction
+# --------------------------------------------------------------------------------------------
+
+
+def partition_positions(keep):
+    """Destination row of every input row when kept rows go first, each group in original order.
+
+    keep: [N] bool. Returns (dest int64 [N], count int64 0-d), both on keep's device, with no host
+    synchronization: kept row i goes to (kept rows before i), the others to count + (others before i).
+    """
+    k = keep.to(torch.int64)
+    kept_before = torch.cumsum(k, 0) - k
+    count = k.sum()
+    rows = torch.arange(keep.shape[0], device=keep.device)
+    dest = torch.where(keep, kept_before, count + rows - kept_before)
+    return dest, count
+
+
+def compact_reference(keep, tensors):
+    """Kept rows of every tensor, and their original positions.
+
+    keep: [N] bool. tensors: sequence of [N, ...] tensors (any dtype, any strides), on keep's device.
+    Returns a list: tensors[i][keep] for each i (contiguous), then index int64 [K] ascending.
+    One host synchronization (nonzero learns K) when keep is on a GPU.
+    """
+    index = torch.nonzero(keep).reshape(-1)
+    return [x.index_select(0, index) for x in tensors] + [index]
+
+
+def partition_rows_reference(keep, tensors, out):
+    """Writes kept rows then the other rows of tensors[i] into out[i]; no host synchronization.
+
+    keep: [N] bool. tensors, out: sequences of [N, ...] tensors, out[i] shaped and typed like tensors[i].
+    Returns (perm int64 [N], the original row of each output row; count int64 0-d, the kept rows).
+    """
+    dest, count = partition_positions(keep)
+    for x, o in zip(tensors, out):
+        o.index_copy_(0, dest, x)
+    perm = torch.empty_like(dest).scatter_(0, dest, torch.arange(keep.shape[0], device=keep.device))
+    return perm, count
+
+
+def scatter_rows_reference(dest, index, src):
+    """dest[index] = src in place. dest: [M, ...]; index: [K] int64 in [0, M); src: [K, ...] like dest."""
+    dest.index_copy_(0, index, src)

@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 
 MEASURE_CODES = {"max_prob": 0, "margin": 1, "entropy": 2}
-_N_FIELDS = 6  # m, s, t, top1, top2, bad
+# Partial fields per row: m, s, t, top1, top2, non-finite count (a constexpr global: usable in kernels).
+_N_FIELDS = tl.constexpr(6)
 
 
 @triton.jit
@@ -256,7 +257,8 @@ def exit_check_config(n, d, v, dtype, device, interpret):
         block_d = min(64, _pow2_at_least(d, 16))
         num_warps, num_stages, target_programs = 4, 1, 3
     else:
-        block_v = 128
+        # float32 tiles of 128 columns spill (255 registers, stack in use, seen in ptxas' report): 64 for fp32.
+        block_v = 128 if dtype != torch.float32 else 64
         block_d = 64 if dtype != torch.float32 else 32
         num_warps = 4 if block_n <= 32 else 8
         num_stages = 4 if dtype != torch.float32 else 3
@@ -291,7 +293,7 @@ def exit_check_triton(hidden, weight, threshold, norm_weight, bias, measure, nor
     cfg = exit_check_config(n, d, v, hidden.dtype, hidden.device, interpret)
     row_blocks = triton.cdiv(n, cfg["BLOCK_N"])
     part_f = torch.empty(
-        (row_blocks, cfg["n_splits"], _N_FIELDS, cfg["BLOCK_N"]), dtype=torch.float32, device=hidden.device
+        (row_blocks, cfg["n_splits"], _N_FIELDS.value, cfg["BLOCK_N"]), dtype=torch.float32, device=hidden.device
     )
     part_i = torch.empty((row_blocks, cfg["n_splits"], cfg["BLOCK_N"]), dtype=torch.int32, device=hidden.device)
     counter = _counter(hidden.device, row_blocks)

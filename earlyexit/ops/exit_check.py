@@ -141,12 +141,10 @@ def _validate(hidden, weight, threshold, measure, norm_weight, norm_eps, bias, t
             raise ValueError(f"threshold: expected a tensor on {hidden.device} (like hidden), got {threshold.device}")
         lead = tuple(hidden.shape[:-1])
         try:
-            torch.broadcast_shapes(tuple(threshold.shape), lead)
+            fits = torch.broadcast_shapes(tuple(threshold.shape), lead) == lead
         except RuntimeError:
-            raise ValueError(
-                f"threshold: shape {tuple(threshold.shape)} does not broadcast to hidden.shape[:-1] = {lead}"
-            ) from None
-        if torch.broadcast_shapes(tuple(threshold.shape), lead) != lead:
+            fits = False
+        if not fits:
             raise ValueError(
                 f"threshold: shape {tuple(threshold.shape)} does not broadcast to hidden.shape[:-1] = {lead}"
             )

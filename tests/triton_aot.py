@@ -1,0 +1,122 @@
+"""Compile the Triton kernels for real GPU targets on a machine without a GPU (ahead of time).
+
+The interpreter lane checks the kernels' arithmetic, but never the GPU compiler: type errors in
+loop-carried values, non-constexpr globals and layout problems only show when compiling for a
+target. Triton's bundled ptxas compiles for sm_80/sm_90 without a device, so CI can catch them.
+
+Run as a script (the test runs it in a subprocess, because TRITON_INTERPRET=1 must be off when the
+kernels are decorated): prints one JSON line per compiled variant with the PTX features found
+(cp.async / 16-byte loads, mma / wgmma) and ptxas' register, stack and spill figures.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+os.environ["TRITON_INTERPRET"] = "0"
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from earlyexit.triton_kernels.exit_check import exit_check_config, exit_check_kernel  # noqa: E402
+
+_PTR = {
+    "THR": "fp32",
+    "TOKEN": "i64",
+    "EXIT": "i1",
+    "CONF": "fp32",
+    "MAXP": "fp32",
+    "MARGIN": "fp32",
+    "ENTROPY": "fp32",
+    "LSE": "fp32",
+    "PART_F": "fp32",
+    "PART_I": "i32",
+    "COUNTER": "i32",
+}
+_FLOAT_ARGS = ("eps", "temperature")
+# What the JIT specializes at run time for a real head (d, V, strides multiples of 16; torch's
+# allocations are 256-byte aligned): compile with the same facts so the PTX matches a real launch.
+_DIVISIBLE = set(_PTR) | {"H", "W", "BIAS", "NORM_W", "D", "V", "stride_h", "stride_w"}
+
+
+def compile_exit_check(dtype, n_rows, arch, d=4096, v=128256):
+    import torch
+
+    tdtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype])
+    cfg = exit_check_config(n_rows, d, v, tdtype, torch.device("cpu"), interpret=False)
+    constexprs = dict(
+        MEASURE=0,
+        HAS_NORM=True,
+        HAS_BIAS=True,
+        UPCAST_DOT=False,
+        DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_V=cfg["BLOCK_V"],
+        BLOCK_D=cfg["BLOCK_D"],
+    )
+    names = exit_check_kernel.arg_names
+    signature = {}
+    for name in names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in _PTR:
+            signature[name] = "*" + _PTR[name]
+        elif name in ("H", "W", "BIAS", "NORM_W"):
+            signature[name] = "*" + dtype
+        else:
+            signature[name] = "fp32" if name in _FLOAT_ARGS else "i32"
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in _DIVISIBLE}
+    src = ASTSource(fn=exit_check_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    kernel = triton.compile(
+        src,
+        target=GPUTarget("cuda", arch, 32),
+        options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]),
+    )
+    return kernel, cfg
+
+
+def ptx_features(ptx):
+    lines = [ln.strip() for ln in ptx.splitlines()]
+    return {
+        "cp_async_16": sum(1 for ln in lines if ln.startswith("cp.async.cg") and ", 0x10" in ln),
+        "ld_v4": sum(1 for ln in lines if ln.startswith("ld.global") and ".v4" in ln),
+        "ld_b16": sum(1 for ln in lines if ln.startswith("ld.global") and ".b16" in ln and ".v" not in ln),
+        "mma": sum(1 for ln in lines if ln.startswith("mma.sync")),
+        "wgmma": sum(1 for ln in lines if ln.startswith("wgmma.mma_async")),
+    }
+
+
+def resource_usage(kernel):
+    """Registers, stack and spill bytes from cuobjdump on the cubin (None if cuobjdump is missing)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return None
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out))
+    return {k.lower(): int(v) for k, v in fields.items()}
+
+
+#: (dtype, rows, arch) variants compiled by default: the decode path on Ampere and Hopper, the
+#: wgmma-sized path, and float32.
+QUICK = [("bf16", 1, 90), ("bf16", 64, 90), ("bf16", 1, 80), ("fp32", 32, 90)]
+FULL = [(dt, n, arch) for arch in (80, 90) for dt in ("bf16", "fp16", "fp32") for n in (1, 32, 64, 1024)]
+
+
+def main(argv):
+    for dtype, n_rows, arch in FULL if "--full" in argv else QUICK:
+        kernel, cfg = compile_exit_check(dtype, n_rows, arch)
+        rec = dict(kernel="exit_check", arch=arch, dtype=dtype, n_rows=n_rows, **ptx_features(kernel.asm["ptx"]))
+        rec.update(block_n=cfg["BLOCK_N"], shared=kernel.metadata.shared, usage=resource_usage(kernel))
+        print(json.dumps(rec), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
