@@ -1,5 +1,6 @@
-// Torch binding of the compiled kernels: op schemas, argument checks, output allocation, and the
-// Python module earlyexit._C whose import runs the registrations.
+// Torch binding of the exit-check kernels: op schemas, argument checks, output allocation; and the
+// Python module earlyexit._C whose import runs every registration of the extension. This file defines
+// the earlyexit_C library; other binding files (compaction_bindings.cpp) add ops to it as fragments.
 //
 // Ops live in their own namespace, earlyexit_C, because the Python side owns `earlyexit` (a torch.library
 // fragment defined at import time); the Python op earlyexit::exit_check calls these for backend
