@@ -14,7 +14,7 @@ Reported per (op, N, provider): median microseconds per call, the speedup over t
 (rows and index read + written) and, at the large N, that as a fraction of the copy bandwidth
 measured in the same run. The CSV, keyed by device and versions, goes to --out (default benchmarks/out/).
 
-Usage: python benchmarks/bench_compaction.py [--device cpu|cuda] [--n 256] [--large-n 65536] [--threads T]
+Usage: python benchmarks/bench_compaction.py [--device cpu|cuda] [--n 256] [--large-n 65536] [--threads T] [--quick]
 """
 
 import argparse
@@ -50,10 +50,10 @@ def torch_partition(keep, tensors):
     return [x.index_select(0, perm) for x in tensors], perm
 
 
-def providers(device, keep, tensors):
-    """(op, provider, fn) for every measurement of one batch."""
+def providers(device, keep, tensors, quick):
+    """(op, provider, fn) for every measurement of one batch; quick: kernel backends only (no reference)."""
     names = [b for b in backends.BACKENDS if backends.unavailable_reason(b, device.type) is None]
-    names = [b for b in names if not (b == "triton" and device.type == "cpu")]
+    names = [b for b in names if not (b == "triton" and device.type == "cpu") and not (quick and b == "torch")]
     out = tuple(torch.empty_like(x) for x in tensors)
     calls = [("compact", "torch", lambda: torch_compact(keep, tensors))]
     calls += [("compact", f"ee-{b}", lambda b=b: earlyexit.compact(keep, *tensors, backend=b)) for b in names]
@@ -67,13 +67,13 @@ def providers(device, keep, tensors):
     return calls
 
 
-def measure(n, d, device, env, copy_gbps, bandwidth_row):
+def measure(n, d, device, env, copy_gbps, bandwidth_row, quick):
     keep, tensors = make_batch(n, d, device)
     k = int(keep.sum())
     row_bytes = sum(x[0].numel() * x.element_size() for x in tensors)
     nbytes = {"compact": 2 * k * row_bytes + 8 * k + n, "partition": 2 * n * row_bytes + 8 * n + n}
     rows = []
-    for op, provider, fn in providers(device, keep, tensors):
+    for op, provider, fn in providers(device, keep, tensors, quick):
         ms = time_fn(fn, device, cuda_graph=provider.endswith("-graph"))
         rows.append(dict(op=op, N=n, provider=provider, us=ms * 1e3, GBps=nbytes[op] / ms / 1e6, **env))
     for r in rows:
@@ -92,6 +92,7 @@ def main(argv=None):
     p.add_argument("--large-n", type=int, default=65536, help="rows for the bandwidth measurement")
     p.add_argument("--d", type=int, default=4096, help="hidden size")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch and the C++ ops (default: torch's)")
+    p.add_argument("--quick", action="store_true", help="skip the torch reference backend (gpu_check.sh)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -105,8 +106,8 @@ def main(argv=None):
         f"# d={args.d}, hidden {'bf16' if device.type == 'cuda' else 'fp32'} + 2 x int64, ~50% rows kept, "
         f"{torch.get_num_threads()} CPU threads; copy bandwidth measured now: {copy_gbps:.1f} GB/s"
     )
-    table = measure(args.n, args.d, device, env, copy_gbps, False)
-    table += measure(args.large_n, args.d, device, env, copy_gbps, True)
+    table = measure(args.n, args.d, device, env, copy_gbps, False, args.quick)
+    table += measure(args.large_n, args.d, device, env, copy_gbps, True, args.quick)
     print(format_table(table, ["op", "N", "provider", "us", "speedup_vs_torch", "GBps", "copy_frac"]))
     stem = f"compaction_{env['device']}_torch{env['torch']}_triton{env['triton']}".replace("+", "_")
     write_csv(os.path.join(args.out, stem + ".csv"), table)

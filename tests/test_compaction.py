@@ -116,6 +116,18 @@ def test_partition_rows_out(backend, device):
         assert torch.equal(p.cpu(), x.cpu()[perm.cpu()])
 
 
+@pytest.mark.parametrize(("backend", "device"), [p.values for p in BACKENDS], ids=[p.id for p in BACKENDS])
+def test_no_tensors_gives_index_and_perm_only(backend, device):
+    keep = make_keep(41, "random", device)
+    packed, index = compact(keep, backend=backend)
+    parts, perm, count = partition_rows(keep, backend=backend)
+    k = keep.cpu()
+    assert packed == () and parts == ()
+    assert torch.equal(index.cpu(), torch.nonzero(k).reshape(-1))
+    assert torch.equal(perm.cpu(), torch.cat([torch.nonzero(k), torch.nonzero(~k)]).reshape(-1))
+    assert int(count) == int(k.sum())
+
+
 @pytest.mark.parametrize(("backend", "device", "n"), cases())
 def test_scatter_rows_roundtrip(backend, device, n):
     keep = make_keep(n, "random", device)

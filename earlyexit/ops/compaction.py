@@ -4,7 +4,8 @@ When some rows of a batch exit at layer k, the later layers run only on the rows
 (``compact`` or ``partition_rows``) and the exited rows' results go back to their original places
 (``scatter_rows``). The public functions validate (ValueError naming the argument), resolve the
 backend and call registered torch.library custom ops with fake implementations, so
-torch.compile(fullgraph=True) traces callers without graph breaks.
+torch.compile(fullgraph=True) traces callers without graph breaks; plain eager calls run the same
+implementations without the op dispatch (see ``_eager``).
 """
 
 import importlib
@@ -220,7 +221,8 @@ def partition_rows(keep, *tensors, out=None, backend="auto"):
         *tensors: each [N, ...] (any trailing shape, dtype and strides), on keep's device.
         out: None, or a tuple of preallocated tensors shaped and typed like ``tensors`` (one per
             tensor, not sharing memory with the inputs); they are written and returned, and nothing
-            is allocated for the parts.
+            is allocated for the parts (an out tensor whose trailing dims are not contiguous goes
+            through a scratch copy).
         backend: "auto", "torch", "triton", "cpu" or "cuda".
 
     Returns:
