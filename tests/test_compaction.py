@@ -156,6 +156,19 @@ def test_scatter_rows_unordered_into_strided(backend, device):
 
 
 @pytest.mark.parametrize(("backend", "device"), [p.values for p in BACKENDS], ids=[p.id for p in BACKENDS])
+def test_scatter_rows_into_cache_slice(backend, device):
+    # dest as a model's KV cache update sees it: [batch, heads, a slice of the positions, head dim].
+    cache = torch.zeros(6, 2, 9, 4, dtype=torch.bfloat16, device=device)
+    dest = cache.narrow(2, 3, 2)
+    index = torch.tensor([4, 0, 2], device=device)
+    src = torch.randn(3, 2, 2, 4, device=device).to(torch.bfloat16)
+    assert scatter_rows(dest, index, src, backend=backend) is dest
+    expected = torch.zeros(6, 2, 9, 4, dtype=torch.bfloat16)
+    expected[index.cpu(), :, 3:5] = src.cpu()
+    assert torch.equal(cache.cpu(), expected)
+
+
+@pytest.mark.parametrize(("backend", "device"), [p.values for p in BACKENDS], ids=[p.id for p in BACKENDS])
 def test_scatter_rows_out_of_range_raises(backend, device):
     if device != "cpu":
         pytest.skip("on a GPU the check is an asynchronous device-side assert, which poisons the context")

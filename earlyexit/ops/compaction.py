@@ -56,12 +56,12 @@ def _partition_kernel(backend, keep, tensors, out):
 
 
 def _scatter_kernel(backend, dest, index, src):
-    target = _dense_target(dest)
-    if target is not dest:
-        target.copy_(dest)
-    _kernels(backend).scatter_rows(target, index.contiguous(), dense_rows(src))
-    if target is not dest:
-        dest.copy_(target)
+    if not rows_dense(dest):
+        # A strided view such as a KV-cache slice along the sequence: torch's strided index_copy_ writes
+        # the K rows in place, where a dense scratch for the kernel would copy all of dest twice.
+        scatter_rows_reference(dest, index, src)
+        return
+    _kernels(backend).scatter_rows(dest, index.contiguous(), dense_rows(src))
 
 
 _KERNEL_BACKENDS = ("triton", "cpu", "cuda")
