@@ -24,7 +24,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _copy_rows(SRC, DST, src_rows, dst_rows, move, src_stride, dst_stride, W, pid_c, n_col_programs, BLOCK_WORDS):
+def _copy_rows(
+    SRC, DST, src_rows, dst_rows, move, src_stride, dst_stride, W, pid_c, n_col_programs, BLOCK_WORDS: tl.constexpr
+):
     """Copy words [0, W) of rows src_rows -> dst_rows where move; this column program's chunks only."""
     src_base = SRC + src_rows[:, None] * src_stride
     dst_base = DST + dst_rows[:, None] * dst_stride
@@ -155,30 +157,28 @@ def _target_programs(device, interpret):
     return 4 * _SM_COUNT[key]
 
 
+def block_config(interpret):
+    """Block sizes (BLOCK_ROWS, BLOCK_WORDS, SCAN_BLOCK) and num_warps, the compile-time part of a launch."""
+    # Interpreter: narrow chunks so the column split is exercised by the small test rows. GPU: a
+    # [16, 256] tile of 4-byte words is 16 KiB per step, 16-byte accesses for 128 threads.
+    return dict(BLOCK_ROWS=32 if interpret else 16, BLOCK_WORDS=8 if interpret else 256, SCAN_BLOCK=1024, num_warps=4)
+
+
 def launch_config(n_rows, max_words, device, interpret):
     """Grid and block sizes for moving n_rows rows of at most max_words words.
 
-    Returns a dict: BLOCK_ROWS, BLOCK_WORDS, SCAN_BLOCK, num_warps, rows_per_program, grid.
-    Small batches split the words of each row over column programs; large ones give each program
-    several row blocks, so the grid stays near 4 programs per multiprocessor either way.
+    Returns :func:`block_config` plus rows_per_program and grid. Small batches split the words of
+    each row over column programs; large ones give each program several row blocks, so the grid
+    stays near 4 programs per multiprocessor either way.
     """
-    block_rows = 32 if interpret else 16
-    # Interpreter: narrow chunks so the column split is exercised by the small test rows.
-    block_words = 8 if interpret else 256
+    cfg = block_config(interpret)
     target = _target_programs(device, interpret)
-    row_blocks = triton.cdiv(n_rows, block_rows)
-    col_chunks = max(1, triton.cdiv(max_words, block_words))
+    row_blocks = triton.cdiv(n_rows, cfg["BLOCK_ROWS"])
+    col_chunks = max(1, triton.cdiv(max_words, cfg["BLOCK_WORDS"]))
     n_col = max(1, min(col_chunks, target // row_blocks))
     n_row_programs = max(1, min(row_blocks, triton.cdiv(target, n_col)))
-    rows_per_program = triton.cdiv(row_blocks, n_row_programs) * block_rows
-    return dict(
-        BLOCK_ROWS=block_rows,
-        BLOCK_WORDS=block_words,
-        SCAN_BLOCK=1024,
-        num_warps=4,
-        rows_per_program=rows_per_program,
-        grid=(triton.cdiv(n_rows, rows_per_program), n_col),
-    )
+    rows_per_program = triton.cdiv(row_blocks, n_row_programs) * cfg["BLOCK_ROWS"]
+    return dict(cfg, rows_per_program=rows_per_program, grid=(triton.cdiv(n_rows, rows_per_program), n_col))
 
 
 def compaction_triton(keep, srcs, dsts, index, count, partition, interpret):

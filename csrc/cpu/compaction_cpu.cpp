@@ -31,9 +31,8 @@ std::vector<ByteRows> byte_rows(at::TensorList srcs, at::TensorList dsts) {
   std::vector<ByteRows> rows;
   rows.reserve(srcs.size());
   for (size_t i = 0; i < srcs.size(); ++i) {
-    const int64_t esize = srcs[i].element_size();
     rows.push_back({static_cast<const char*>(srcs[i].const_data_ptr()), static_cast<char*>(dsts[i].data_ptr()),
-                    srcs[i].stride(0) * esize, dsts[i].stride(0) * esize, srcs[i].size(1) * esize});
+                    row_stride_bytes(srcs[i]), row_stride_bytes(dsts[i]), row_bytes(srcs[i])});
   }
   return rows;
 }
@@ -59,10 +58,10 @@ void move_rows(const std::vector<ByteRows>& tensors, const int64_t* from, const 
 void compaction_cpu(const at::Tensor& keep, at::TensorList srcs, at::TensorList dsts, const at::Tensor& index,
                     const std::optional<at::Tensor>& count, bool partition) {
   const int64_t n = keep.size(0);
-  const uint8_t* k = keep.const_data_ptr<uint8_t>();
+  const bool* k = keep.const_data_ptr<bool>();
   int64_t* idx = index.data_ptr<int64_t>();
   int64_t kept = 0;
-  for (int64_t i = 0; i < n; ++i) kept += k[i] != 0;
+  for (int64_t i = 0; i < n; ++i) kept += k[i];
   TORCH_CHECK(index.size(0) == (partition ? n : kept), "earlyexit_C::compaction: index has ", index.size(0),
               " rows, the mask keeps ", kept, " of ", n);
   // Kept rows fill the map from the front; a partition's other rows follow from position kept on.

@@ -4,7 +4,7 @@
 // Grid (row blocks, column blocks), as the Triton kernel: row block b owns a contiguous range of rows,
 // column block c copies byte chunks c, c + C, ... of each row, so that a decode batch of a few hundred
 // 8 KiB rows still covers every multiprocessor. Each block counts the kept rows before its range (and in
-// total, for a partition) by reading the mask itself, 16 bytes per thread per step: N bytes per block
+// total, for a partition) by reading the mask itself, 4 bytes per thread per step: N bytes per block
 // from L2, no workspace, no atomics, no inter-block waiting, hence deterministic and CUDA-graph safe.
 // Inside a block, 256-row chunks get their destinations from a cub block scan; then each warp copies
 // whole rows with the widest vector access (16, 8, 4, 2 or 1 bytes) that the tensor's addresses allow.
@@ -191,11 +191,10 @@ __global__ void __launch_bounds__(kThreads)
 
 // The widest access (16/8/4/2/1 bytes) that divides every address, stride and size of one tensor.
 int vector_bytes(const at::Tensor& src, const at::Tensor& dst) {
-  const int64_t esize = src.element_size();
   const uint64_t bits = reinterpret_cast<uintptr_t>(src.const_data_ptr()) |
                         reinterpret_cast<uintptr_t>(dst.const_data_ptr()) |
-                        static_cast<uint64_t>(src.stride(0) * esize) | static_cast<uint64_t>(dst.stride(0) * esize) |
-                        static_cast<uint64_t>(src.size(1) * esize);
+                        static_cast<uint64_t>(row_stride_bytes(src)) | static_cast<uint64_t>(row_stride_bytes(dst)) |
+                        static_cast<uint64_t>(row_bytes(src));
   for (int v : {16, 8, 4, 2}) {
     if (bits % v == 0) return v;
   }
@@ -207,12 +206,11 @@ RowTable make_table(at::TensorList srcs, at::TensorList dsts, size_t first, size
   table.count = static_cast<int>(last - first);
   for (size_t i = first; i < last; ++i) {
     const size_t t = i - first;
-    const int64_t esize = srcs[i].element_size();
     table.src[t] = static_cast<const char*>(srcs[i].const_data_ptr());
     table.dst[t] = static_cast<char*>(dsts[i].data_ptr());
-    table.src_stride[t] = srcs[i].stride(0) * esize;
-    table.dst_stride[t] = dsts[i].stride(0) * esize;
-    table.row_bytes[t] = srcs[i].size(1) * esize;
+    table.src_stride[t] = row_stride_bytes(srcs[i]);
+    table.dst_stride[t] = row_stride_bytes(dsts[i]);
+    table.row_bytes[t] = row_bytes(srcs[i]);
     table.vec[t] = vector_bytes(srcs[i], dsts[i]);
   }
   return table;
@@ -247,7 +245,7 @@ void compaction_cuda(const at::Tensor& keep, at::TensorList srcs, at::TensorList
     return;
   }
   int64_t max_row_bytes = 0;
-  for (const auto& s : srcs) max_row_bytes = std::max<int64_t>(max_row_bytes, s.size(1) * s.element_size());
+  for (const auto& s : srcs) max_row_bytes = std::max(max_row_bytes, row_bytes(s));
   const Grid grid = make_grid(n, max_row_bytes);
   // The scan reads the mask as 4-byte words: a mask view starting mid-word gets an aligned copy.
   const at::Tensor mask = reinterpret_cast<uintptr_t>(keep.const_data_ptr()) % 4 ? keep.clone() : keep;
@@ -257,7 +255,7 @@ void compaction_cuda(const at::Tensor& keep, at::TensorList srcs, at::TensorList
   for (size_t first = 0; first == 0 || first < srcs.size(); first += kMaxTensors) {
     const size_t last = std::min(srcs.size(), first + kMaxTensors);
     compaction_kernel<<<grid.blocks, kThreads, 0, stream>>>(
-        mask.const_data_ptr<uint8_t>(), n, index.data_ptr<int64_t>(),
+        static_cast<const uint8_t*>(mask.const_data_ptr()), n, index.data_ptr<int64_t>(),
         first == 0 && count ? count->data_ptr<int64_t>() : nullptr, make_table(srcs, dsts, first, last),
         grid.rows_per_block, partition, first == 0);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -268,7 +266,7 @@ void scatter_rows_cuda(const at::Tensor& dest, const at::Tensor& index, const at
   const c10::cuda::CUDAGuard guard(dest.device());
   const int64_t k = index.size(0);
   if (k == 0) return;
-  const Grid grid = make_grid(k, src.size(1) * src.element_size());
+  const Grid grid = make_grid(k, row_bytes(src));
   scatter_rows_kernel<<<grid.blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       index.const_data_ptr<int64_t>(), k, dest.size(0), make_table({src}, {dest}, 0, 1), grid.rows_per_block);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

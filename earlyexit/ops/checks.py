@@ -11,9 +11,7 @@ def check_tensor(name, x):
 
 
 def check_float_dtype(name, x, allowed=FLOAT_DTYPES):
-    if x.dtype not in allowed:
-        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
-        raise ValueError(f"{name}: expected dtype {names}, got {str(x.dtype).replace('torch.', '')}")
+    check_dtype(name, x, allowed)
 
 
 def check_same_device(reference_name, reference, **tensors):

@@ -4,20 +4,24 @@ When some rows of a batch exit at layer k, the later layers run only on the rows
 (``compact`` or ``partition_rows``) and the exited rows' results go back to their original places
 (``scatter_rows``). The public functions validate (ValueError naming the argument), resolve the
 backend and call registered torch.library custom ops with fake implementations, so
-torch.compile(fullgraph=True) traces callers without graph breaks.
+torch.compile(fullgraph=True) traces callers without graph breaks; plain eager calls run the same
+implementations without the op dispatch (see ``_eager``).
 """
 
+import importlib
 from functools import partial
 
 import torch
 
 from earlyexit import backends
 from earlyexit.ops.checks import check_dim, check_dtype, check_rows, check_same_device, check_shape, check_tensor
-from earlyexit.ops.rows import as_words, dense_rows, rows_dense
+from earlyexit.ops.rows import dense_rows, rows_dense
 from earlyexit.reference import compact_reference, partition_rows_reference, scatter_rows_reference
 
-#: "auto" per device type: first that can run. CPU: the C++ loop beats nonzero + index_select per tensor.
-_PREFERENCE = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
+#: "auto" per device type, first that can run. CUDA: the Triton kernel, whose logic the interpreter lane
+#: checks on every CI run; the CUDA kernel has the same contract and a lower launch cost, and is picked
+#: explicitly (backend="cuda"). CPU: the C++ loop (no nonzero + index_select pass per tensor).
+_PREFERENCE = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -25,20 +29,12 @@ _PREFERENCE = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
 # --------------------------------------------------------------------------------------------
 
 
-def _launchers(backend, device_type):
-    """(fused compaction launcher, scatter launcher) of a kernel backend; both take word views."""
+def _kernels(backend):
+    """The kernel ops of a backend: compact(keep, srcs), partition_rows(keep, srcs, dsts) and
+    scatter_rows(dest, index, src), on validated tensors with dense rows; C++ ones pick the device."""
     if backend == "triton":
-        from earlyexit.triton_kernels.compaction import compaction_triton, scatter_rows_triton
-
-        interpret = device_type == "cpu"
-        return partial(compaction_triton, interpret=interpret), partial(scatter_rows_triton, interpret=interpret)
-    return torch.ops.earlyexit_C.compaction, torch.ops.earlyexit_C.scatter_rows
-
-
-def _word_pairs(tensors, targets):
-    """Word views (source, target) of each pair, with one word type per pair; strided rows copied dense."""
-    pairs = [as_words(dense_rows(x), t) for x, t in zip(tensors, targets)]
-    return [p[0] for p in pairs], [p[1] for p in pairs]
+        return importlib.import_module("earlyexit.ops.compaction_triton")
+    return torch.ops.earlyexit_C
 
 
 def _dense_target(x):
@@ -47,23 +43,12 @@ def _dense_target(x):
 
 
 def _compact_kernel(backend, keep, tensors):
-    # The one host synchronization: K sizes the outputs (free when keep is on the CPU).
-    k = int(torch.count_nonzero(keep))
-    packed = [torch.empty((k, *x.shape[1:]), dtype=x.dtype, device=x.device) for x in tensors]
-    index = torch.empty(k, dtype=torch.int64, device=keep.device)
-    srcs, dsts = _word_pairs(tensors, packed)
-    launch, _ = _launchers(backend, keep.device.type)
-    launch(keep.contiguous().view(torch.uint8), srcs, dsts, index, None, False)
-    return packed + [index]
+    return list(_kernels(backend).compact(keep.contiguous(), [dense_rows(x) for x in tensors]))
 
 
 def _partition_kernel(backend, keep, tensors, out):
     targets = [_dense_target(o) for o in out]
-    perm = torch.empty(keep.shape, dtype=torch.int64, device=keep.device)
-    count = torch.empty((), dtype=torch.int64, device=keep.device)
-    srcs, dsts = _word_pairs(tensors, targets)
-    launch, _ = _launchers(backend, keep.device.type)
-    launch(keep.contiguous().view(torch.uint8), srcs, dsts, perm, count, True)
+    perm, count = _kernels(backend).partition_rows(keep.contiguous(), [dense_rows(x) for x in tensors], targets)
     for o, t in zip(out, targets):
         if t is not o:
             o.copy_(t)
@@ -71,14 +56,12 @@ def _partition_kernel(backend, keep, tensors, out):
 
 
 def _scatter_kernel(backend, dest, index, src):
-    target = _dense_target(dest)
-    if target is not dest:
-        target.copy_(dest)
-    dest_words, src_words = as_words(target, dense_rows(src))
-    _, launch = _launchers(backend, dest.device.type)
-    launch(dest_words, index.contiguous(), src_words)
-    if target is not dest:
-        dest.copy_(target)
+    if not rows_dense(dest):
+        # A strided view such as a KV-cache slice along the sequence: torch's strided index_copy_ writes
+        # the K rows in place, where a dense scratch for the kernel would copy all of dest twice.
+        scatter_rows_reference(dest, index, src)
+        return
+    _kernels(backend).scatter_rows(dest, index.contiguous(), dense_rows(src))
 
 
 _KERNEL_BACKENDS = ("triton", "cpu", "cuda")
@@ -138,11 +121,15 @@ def _partition_rows_fake(keep, tensors, out, backend):
     return keep.new_empty(keep.shape, dtype=torch.int64), keep.new_empty((), dtype=torch.int64)
 
 
+def _scatter_rows(dest, index, src, backend):
+    _check_index_range(index, dest.shape[0])
+    _SCATTER_IMPLS[backend](dest, index, src)
+
+
 @torch.library.custom_op("earlyexit::scatter_rows", mutates_args=("dest",))
 def scatter_rows_op(dest: torch.Tensor, index: torch.Tensor, src: torch.Tensor, backend: str) -> None:
     """Registered op: dest[index] = src in place; out-of-range indices raise (see _check_index_range)."""
-    _check_index_range(index, dest.shape[0])
-    _SCATTER_IMPLS[backend](dest, index, src)
+    _scatter_rows(dest, index, src, backend)
 
 
 @scatter_rows_op.register_fake
@@ -153,6 +140,16 @@ def _scatter_rows_fake(dest, index, src, backend):
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
+
+
+def _eager(x):
+    """Whether to call an implementation directly rather than through its registered op.
+
+    The registered op's Python dispatch costs ~20 us per call, as much as moving a whole decode batch;
+    plain eager calls skip it. Tracing (torch.compile, export) and tensor subclasses (fake, functional)
+    go through the op, so that they see one opaque node.
+    """
+    return type(x) is torch.Tensor and not torch.compiler.is_compiling()
 
 
 def _validate_keep_and_tensors(keep, tensors):
@@ -167,11 +164,11 @@ def _validate_keep_and_tensors(keep, tensors):
         check_same_device("keep", keep, **{name: x})
 
 
-def _shares_memory(a, b):
-    # Storage identity is unavailable on the fake tensors torch.compile traces with; the eager call checks.
+def _storages(tensors):
+    """Storage addresses of the non-empty tensors; empty when tracing (fake tensors have none)."""
     if torch.compiler.is_compiling():
-        return False
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.numel() > 0 and b.numel() > 0
+        return set()
+    return {x.untyped_storage().data_ptr() for x in tensors if x.numel() > 0}
 
 
 def _validate_out(out, tensors):
@@ -185,9 +182,10 @@ def _validate_out(out, tensors):
         check_shape(name, o, x.shape)
         check_dtype(name, o, (x.dtype,))
         check_same_device(f"tensors[{i}]", x, **{name: o})
-        for j, y in enumerate(tensors):
-            if _shares_memory(o, y):
-                raise ValueError(f"{name}: must not share memory with tensors[{j}] (rows move between positions)")
+    inputs = _storages(tensors)
+    for i, o in enumerate(out):
+        if _storages([o]) & inputs:
+            raise ValueError(f"out[{i}]: must not share memory with an input tensor (rows move between positions)")
 
 
 def compact(keep, *tensors, backend="auto"):
@@ -210,7 +208,8 @@ def compact(keep, *tensors, backend="auto"):
     """
     _validate_keep_and_tensors(keep, tensors)
     impl = backends.resolve_preferred(backend, keep.device.type, _PREFERENCE)
-    result = compact_op(keep, list(tensors), impl)
+    tensors = list(tensors)
+    result = _COMPACT_IMPLS[impl](keep, tensors) if _eager(keep) else compact_op(keep, tensors, impl)
     return tuple(result[:-1]), result[-1]
 
 
@@ -222,7 +221,8 @@ def partition_rows(keep, *tensors, out=None, backend="auto"):
         *tensors: each [N, ...] (any trailing shape, dtype and strides), on keep's device.
         out: None, or a tuple of preallocated tensors shaped and typed like ``tensors`` (one per
             tensor, not sharing memory with the inputs); they are written and returned, and nothing
-            is allocated for the parts.
+            is allocated for the parts (an out tensor whose trailing dims are not contiguous goes
+            through a scratch copy).
         backend: "auto", "torch", "triton", "cpu" or "cuda".
 
     Returns:
@@ -241,7 +241,11 @@ def partition_rows(keep, *tensors, out=None, backend="auto"):
     else:
         _validate_out(out, tensors)
     impl = backends.resolve_preferred(backend, keep.device.type, _PREFERENCE)
-    perm, count = partition_rows_op(keep, list(tensors), list(out), impl)
+    tensors, out = list(tensors), list(out)
+    if _eager(keep):
+        perm, count = _PARTITION_IMPLS[impl](keep, tensors, out)
+    else:
+        perm, count = partition_rows_op(keep, tensors, out, impl)
     return tuple(out), perm, count
 
 
@@ -272,8 +276,8 @@ def scatter_rows(dest, index, src, *, backend="auto"):
     check_shape("src", src, (index.shape[0], *dest.shape[1:]))
     check_dtype("src", src, (dest.dtype,))
     check_same_device("dest", dest, index=index, src=src)
-    if _shares_memory(dest, src):
+    if _storages([dest]) & _storages([src]):
         raise ValueError("src: must not share memory with dest")
     impl = backends.resolve_preferred(backend, dest.device.type, _PREFERENCE)
-    scatter_rows_op(dest, index, src, impl)
+    (_scatter_rows if _eager(dest) else scatter_rows_op)(dest, index, src, impl)
     return dest

@@ -13,6 +13,7 @@ import torch
 
 from earlyexit import backends
 from earlyexit.ops.checks import check_float_dtype, check_same_device, check_shape, check_tensor
+from earlyexit.ops.extension import run_extension
 from earlyexit.reference import MEASURES, exit_check_reference
 
 
@@ -59,17 +60,11 @@ def _run_triton(hidden, weight, threshold, norm_weight, bias, measure, norm_eps,
     )
 
 
-def _run_extension(hidden, weight, threshold, norm_weight, bias, measure, norm_eps, temperature):
-    return tuple(
-        torch.ops.earlyexit.exit_check_ext(hidden, weight, threshold, norm_weight, bias, measure, norm_eps, temperature)
-    )
-
-
 _IMPLS = {
     "torch": exit_check_reference,
     "triton": _run_triton,
-    "cpu": _run_extension,
-    "cuda": _run_extension,
+    "cpu": run_extension,
+    "cuda": run_extension,
 }
 
 

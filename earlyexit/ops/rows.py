@@ -16,8 +16,8 @@ _WORDS = ((4, torch.int32), (2, torch.int16), (1, torch.uint8))
 
 def rows_dense(x):
     """Whether the trailing dims of x (all but dim 0) are laid out contiguously; dim 0 may stride freely."""
-    if x.numel() == 0:
-        return True  # nothing to move; and .contiguous() keeps the strides of an empty tensor
+    if x.is_contiguous() or x.numel() == 0:
+        return True  # (an empty tensor: nothing to move, and .contiguous() would keep its strides)
     expected = 1
     for size, stride in zip(reversed(x.shape[1:]), reversed(x.stride()[1:])):
         if size != 1 and stride != expected:

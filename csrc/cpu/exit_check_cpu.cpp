@@ -1,0 +1,129 @@
+// CPU fused exit check: RMSNorm prologue, head GEMM on cache-sized vocabulary chunks, statistics fused
+// on each chunk while it is hot, fixed-order merge.
+//
+// Work is split into tasks (row block x vocabulary chunk) run by at::parallel_for. Each task calls the
+// optimized single-threaded GEMM (MKL/oneDNN through at::mm_out; inside a parallel region it runs on the
+// calling thread) into a per-thread [rows, chunk] float32 buffer of ~256 KiB that stays in L2, then reduces
+// each row of it to RowStats (chunk_stats.cpp). Bytes moved from memory per call: V*d*elt for the weight
+// (read once per row block; one row block up to kRowBlock rows), N*d*4 for the normalized rows; the
+// logits never leave the cache. Extra memory: per thread rows*chunk floats (+ chunk*d floats to upcast a
+// bf16/fp16 weight chunk), plus N * n_chunks RowStats for the partials.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "cpu/chunk_stats.h"
+#include "exit_check.h"
+#include "exit_check_stats.h"
+
+namespace earlyexit {
+namespace {
+
+// Row block: the GEMM reads the weight once per block, so blocks are large; 128 rows x 512 columns
+// of float32 logits is 256 KiB, half an L2.
+constexpr int64_t kRowBlock = 128;
+constexpr int64_t kChunkBytes = 256 * 1024;
+
+// Columns per chunk: about kChunkBytes of logits, a multiple of 64, between 256 and 8192.
+int64_t chunk_columns(int64_t rows) {
+  const int64_t c = kChunkBytes / (4 * std::max<int64_t>(rows, 1));
+  return std::clamp<int64_t>(c / 64 * 64, 256, 8192);
+}
+
+// Prologue: x[i] = round_to_weight_dtype(rmsnorm(hidden[i])) as float32, finite[i] = hidden row is finite.
+// N * d work; the normalization matches LlamaRMSNorm (float32 statistics, x * rsqrt(mean(x^2) + eps) * w).
+template <typename scalar_t>
+void normalize_rows(const ExitArgs& a, float* x, uint8_t* finite) {
+  const int64_t n = a.hidden.size(0), d = a.hidden.size(1), row_stride = a.hidden.stride(0);
+  const scalar_t* h = a.hidden.const_data_ptr<scalar_t>();
+  at::Tensor nw;
+  if (a.norm_weight) nw = a.norm_weight->to(at::kFloat).contiguous();
+  const float* g = a.norm_weight ? nw.const_data_ptr<float>() : nullptr;
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const scalar_t* hr = h + i * row_stride;
+      float* xr = x + i * d;
+      bool ok = true;
+      double sumsq = 0.0;
+      for (int64_t k = 0; k < d; ++k) {
+        const float v = static_cast<float>(hr[k]);
+        ok = ok && std::isfinite(v);
+        sumsq += static_cast<double>(v) * v;
+        xr[k] = v;
+      }
+      finite[i] = ok;
+      if (g) {
+        const float inv = 1.f / std::sqrt(static_cast<float>(sumsq / d) + static_cast<float>(a.eps));
+        for (int64_t k = 0; k < d; ++k) xr[k] = static_cast<float>(static_cast<scalar_t>(xr[k] * inv * g[k]));
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void exit_check_cpu(const ExitArgs& a, const ExitOutputs& out) {
+  const int64_t n = a.hidden.size(0), d = a.hidden.size(1), v = a.weight.size(0);
+  if (n == 0) return;
+  at::Tensor x = at::empty({n, d}, a.hidden.options().dtype(at::kFloat));
+  std::vector<uint8_t> finite(n);
+  EE_DISPATCH_FLOAT_TYPES(a.hidden.scalar_type(), "exit_check_cpu_norm", [&] {
+    normalize_rows<scalar_t>(a, x.mutable_data_ptr<float>(), finite.data());
+  });
+
+  const int64_t rows = std::min(n, kRowBlock), cols = chunk_columns(rows);
+  const int64_t row_blocks = (n + rows - 1) / rows, chunks = (v + cols - 1) / cols;
+  const bool upcast = a.weight.scalar_type() != at::kFloat;
+  const bool bias_f32 = a.bias && a.bias->scalar_type() == at::kFloat;
+  const float temperature = static_cast<float>(a.temperature);
+  std::vector<RowStats> parts(chunks * n);
+
+  // Tasks in chunk-major order: consecutive tasks share a weight chunk across row blocks.
+  at::parallel_for(0, row_blocks * chunks, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor zbuf = at::empty({rows * cols}, x.options());
+    at::Tensor wbuf = upcast ? at::empty({cols, d}, x.options()) : at::Tensor();
+    at::Tensor bbuf = (a.bias && !bias_f32) ? at::empty({cols}, x.options()) : at::Tensor();
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t c = task / row_blocks, rb = task % row_blocks;
+      const int64_t v0 = c * cols, nc = std::min(cols, v - v0);
+      const int64_t r0 = rb * rows, nr = std::min(rows, n - r0);
+      at::Tensor w = a.weight.narrow(0, v0, nc);
+      if (upcast) w = wbuf.narrow(0, 0, nc).copy_(w);  // exact: bf16/fp16 -> fp32, so the GEMM accumulates in fp32
+      at::Tensor z = zbuf.narrow(0, 0, nr * nc).view({nr, nc});
+      at::mm_out(z, x.narrow(0, r0, nr), w.t());
+      const float* b = nullptr;
+      if (a.bias) b = bias_f32 ? a.bias->const_data_ptr<float>() + v0
+                               : bbuf.narrow(0, 0, nc).copy_(a.bias->narrow(0, v0, nc)).const_data_ptr<float>();
+      float* zp = z.mutable_data_ptr<float>();
+      for (int64_t i = 0; i < nr; ++i) parts[c * n + r0 + i] = cpu::chunk_stats(zp + i * nc, nc, b, temperature, v0);
+    }
+  });
+
+  const float* thr = a.threshold.const_data_ptr<float>();
+  int64_t* token = out.token.mutable_data_ptr<int64_t>();
+  bool* ex = out.exit.mutable_data_ptr<bool>();
+  float* conf = out.confidence.mutable_data_ptr<float>();
+  float* maxp = out.max_prob.mutable_data_ptr<float>();
+  float* margin = out.margin.mutable_data_ptr<float>();
+  float* entropy = out.entropy.mutable_data_ptr<float>();
+  float* lse = out.lse.mutable_data_ptr<float>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      RowStats st = parts[i];
+      for (int64_t c = 1; c < chunks; ++c) merge_stats(st, parts[c * n + i]);  // fixed order: deterministic
+      const RowResult r = finalize_stats(st, finite[i], thr[i], a.measure);
+      token[i] = r.token;
+      ex[i] = r.exit;
+      conf[i] = r.confidence;
+      maxp[i] = r.max_prob;
+      margin[i] = r.margin;
+      entropy[i] = r.entropy;
+      lse[i] = r.lse;
+    }
+  });
+}
+
+}  // namespace earlyexit

@@ -1,0 +1,220 @@
+// Launchers of the CUDA exit check (kernels in exit_check_kernels.cuh): launch configuration, workspaces,
+// the per-stream merge counters, and the cuBLAS vocabulary-chunk loop for larger N.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <string>
+#include <utility>
+
+#include "cuda/exit_check_kernels.cuh"
+#include "exit_check.h"
+
+namespace earlyexit {
+
+// The architectures nvcc compiled this file for, from its __CUDA_ARCH_LIST__ (e.g. 800,900 -> "80;90").
+std::string compiled_cuda_archs() {
+#ifdef __CUDA_ARCH_LIST__
+#define EE_STR2(...) #__VA_ARGS__
+#define EE_STR(...) EE_STR2(__VA_ARGS__)
+  const std::string list = EE_STR(__CUDA_ARCH_LIST__);
+  std::string out;
+  size_t start = 0;
+  while (start < list.size()) {
+    size_t end = list.find(',', start);
+    if (end == std::string::npos) end = list.size();
+    const std::string arch = std::to_string(std::stoi(list.substr(start, end - start)) / 10);
+    if (out.find(arch) == std::string::npos) out += (out.empty() ? "" : ";") + arch;
+    start = end + 1;
+  }
+  return out;
+#else
+  return EARLYEXIT_CUDA_ARCHS;
+#endif
+}
+
+namespace {
+
+template <typename scalar_t>
+struct DeviceType {
+  using type = scalar_t;
+};
+template <>
+struct DeviceType<at::Half> {
+  using type = __half;
+};
+template <>
+struct DeviceType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+int vector_kind(const std::optional<at::Tensor>& t) {
+  if (!t) return cuda::kNone;
+  switch (t->scalar_type()) {
+    case at::kFloat:
+      return cuda::kF32;
+    case at::kHalf:
+      return cuda::kF16;
+    case at::kBFloat16:
+      return cuda::kBF16;
+    default:
+      TORCH_CHECK(false, "earlyexit_C::exit_check (cuda): bias/norm_weight must be float32, float16 or bfloat16");
+  }
+}
+
+template <typename T>
+cuda::Params<T> make_params(const ExitArgs& a, const ExitOutputs& o) {
+  cuda::Params<T> p;
+  p.hidden = reinterpret_cast<const T*>(a.hidden.const_data_ptr());
+  p.hidden_stride = a.hidden.stride(0);
+  p.weight = reinterpret_cast<const T*>(a.weight.const_data_ptr());
+  p.weight_stride = a.weight.stride(0);
+  p.bias = a.bias ? a.bias->const_data_ptr() : nullptr;
+  p.bias_kind = vector_kind(a.bias);
+  p.norm_weight = a.norm_weight ? a.norm_weight->const_data_ptr() : nullptr;
+  p.norm_kind = vector_kind(a.norm_weight);
+  p.threshold = a.threshold.const_data_ptr<float>();
+  p.token = o.token.mutable_data_ptr<int64_t>();
+  p.exit = o.exit.mutable_data_ptr<bool>();
+  p.confidence = o.confidence.mutable_data_ptr<float>();
+  p.max_prob = o.max_prob.mutable_data_ptr<float>();
+  p.margin = o.margin.mutable_data_ptr<float>();
+  p.entropy = o.entropy.mutable_data_ptr<float>();
+  p.lse = o.lse.mutable_data_ptr<float>();
+  p.n = static_cast<int>(a.hidden.size(0));
+  p.d = static_cast<int>(a.hidden.size(1));
+  p.v = a.weight.size(0);
+  p.eps = static_cast<float>(a.eps);
+  p.temperature = static_cast<float>(a.temperature);
+  p.measure = a.measure;
+  return p;
+}
+
+// Zeroed int32 merge counters for this (device, stream), at least n of them. The decode kernel resets
+// each counter it uses, so the buffer is zeroed once when allocated, never per call (no memset launch).
+// Intentionally never freed: it lives as long as the process, like the stream.
+int* merge_counters(const at::Tensor& like, cudaStream_t stream, int64_t n) {
+  static std::mutex mu;
+  static auto* cache = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();
+  std::lock_guard<std::mutex> lock(mu);
+  at::Tensor& buf = (*cache)[{like.get_device(), stream}];
+  if (!buf.defined() || buf.numel() < n) buf = at::zeros({std::max<int64_t>(n, 64)}, like.options().dtype(at::kInt));
+  return buf.mutable_data_ptr<int>();
+}
+
+template <typename T, int RG, int VEC>
+void launch_decode_rg(const cuda::Params<T>& p, const at::Tensor& like, cudaStream_t stream) {
+  const size_t smem = static_cast<size_t>(RG) * p.d * sizeof(T);
+  auto kernel = cuda::decode_kernel<T, RG, VEC>;
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  }
+  const int groups = (p.n + RG - 1) / RG;
+  // Enough blocks to fill every SM a few times over, but at least kWarps columns per slice.
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int64_t slices = std::max<int64_t>(1, std::min<int64_t>((4 * sms + groups - 1) / groups, p.v / cuda::kWarps));
+  const int64_t cols = (p.v + slices - 1) / slices;
+  slices = (p.v + cols - 1) / cols;  // no empty slices
+  const int64_t parts = static_cast<int64_t>(groups) * slices * RG;
+  const auto f32 = like.options().dtype(at::kFloat);
+  at::Tensor pf = at::empty({5, parts}, f32);
+  at::Tensor pidx = at::empty({parts}, like.options().dtype(at::kLong));
+  at::Tensor pbad = at::empty({parts}, like.options().dtype(at::kInt));
+  float* base = pf.mutable_data_ptr<float>();
+  const cuda::Partials part{base,         base + parts,   base + 2 * parts, base + 3 * parts, base + 4 * parts,
+                            pidx.mutable_data_ptr<int64_t>(), pbad.mutable_data_ptr<int>()};
+  int* counters = merge_counters(like, stream, groups);
+  kernel<<<dim3(static_cast<unsigned>(slices), static_cast<unsigned>(groups)), cuda::kThreads, smem, stream>>>(
+      p, part, counters, cols);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Picks RG (rows per group: the smallest power of two >= N, at most 8, shrunk until the rows fit in
+// shared memory) and the vector width (16-byte loads when d and the weight rows are 16-byte aligned).
+template <typename T>
+void launch_decode(const cuda::Params<T>& p, const at::Tensor& like, cudaStream_t stream) {
+  // Opt-in shared memory per block, less the kernel's static arrays (RowStats per thread + flags).
+  const size_t limit =
+      at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin - sizeof(RowStats) * cuda::kThreads - 1024;
+  int rg = p.n <= 1 ? 1 : p.n <= 2 ? 2 : p.n <= 4 ? 4 : 8;
+  while (rg > 1 && static_cast<size_t>(rg) * p.d * sizeof(T) > limit) rg /= 2;
+  TORCH_CHECK(static_cast<size_t>(rg) * p.d * sizeof(T) <= limit, "earlyexit_C::exit_check (cuda): d = ", p.d,
+              " is too large for the hidden row to fit in shared memory (", limit, " bytes); use backend='triton'");
+  constexpr int kVec = 16 / sizeof(T);
+  const bool vec = p.d % kVec == 0 && p.weight_stride % kVec == 0 &&
+                   reinterpret_cast<uintptr_t>(p.weight) % 16 == 0;
+  auto go = [&](auto rg_tag) {
+    constexpr int RG = decltype(rg_tag)::value;
+    if (vec) {
+      launch_decode_rg<T, RG, kVec>(p, like, stream);
+    } else {
+      launch_decode_rg<T, RG, 1>(p, like, stream);
+    }
+  };
+  switch (rg) {
+    case 1:
+      go(std::integral_constant<int, 1>{});
+      break;
+    case 2:
+      go(std::integral_constant<int, 2>{});
+      break;
+    case 4:
+      go(std::integral_constant<int, 4>{});
+      break;
+    default:
+      go(std::integral_constant<int, 8>{});
+  }
+}
+
+// Larger N: normalized rows once ([N, d], dtype T), then per vocabulary chunk one cuBLAS GEMM with float32
+// output into an [N, C] buffer (C: 16 MiB of logits, so they are re-read from L2, not DRAM) and one
+// statistics kernel over it.
+// Bytes per chunk: C*d*elt weight + N*d*elt rows (L2) + 2 * N*C*4 logits (written, re-read from L2).
+template <typename T>
+void launch_chunked(const cuda::Params<T>& p, const ExitArgs& a, cudaStream_t stream) {
+  const int64_t n = p.n, v = p.v;
+  at::Tensor xn = at::empty({n, p.d}, a.weight.options());
+  at::Tensor finite = at::empty({n}, a.weight.options().dtype(at::kBool));
+  cuda::normalize_kernel<T><<<static_cast<unsigned>((n + cuda::kWarps - 1) / cuda::kWarps), cuda::kThreads, 0, stream>>>(
+      p, reinterpret_cast<T*>(xn.mutable_data_ptr()), finite.mutable_data_ptr<bool>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t cols = std::min(v, std::max<int64_t>((int64_t{4} << 20) / n / 128 * 128, 128));
+  at::Tensor zbuf = at::empty({n * cols}, a.weight.options().dtype(at::kFloat));
+  at::Tensor running = at::empty({n * static_cast<int64_t>(sizeof(RowStats))}, a.weight.options().dtype(at::kByte));
+  for (int64_t v0 = 0; v0 < v; v0 += cols) {
+    const int64_t nc = std::min(cols, v - v0);
+    at::Tensor z = zbuf.narrow(0, 0, n * nc).view({n, nc});
+    // float32 accumulation and output for every input dtype (mm.dtype_out); float32 inputs follow
+    // torch.backends.cuda.matmul.allow_tf32 (off by default).
+    at::mm_out(z, xn, a.weight.narrow(0, v0, nc).t(), at::kFloat);
+    cuda::chunk_stats_kernel<T><<<static_cast<unsigned>(n), cuda::kThreads, 0, stream>>>(
+        p, z.const_data_ptr<float>(), nc, nc, v0, reinterpret_cast<RowStats*>(running.mutable_data_ptr()),
+        finite.const_data_ptr<bool>(), v0 == 0, v0 + nc >= v);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+}  // namespace
+
+void exit_check_cuda(const ExitArgs& a, const ExitOutputs& out) {
+  const int64_t n = a.hidden.size(0);
+  if (n == 0) return;
+  TORCH_CHECK(n <= INT32_MAX && a.hidden.size(1) <= INT32_MAX,
+              "earlyexit_C::exit_check (cuda): N and d must fit in int32");
+  const c10::cuda::CUDAGuard guard(a.hidden.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  EE_DISPATCH_FLOAT_TYPES(a.hidden.scalar_type(), "exit_check_cuda", [&] {
+    using T = typename DeviceType<scalar_t>::type;
+    const cuda::Params<T> p = make_params<T>(a, out);
+    if (n <= cuda::kDecodeMaxRows) {
+      launch_decode<T>(p, a.hidden, stream);
+    } else {
+      launch_chunked<T>(p, a, stream);
+    }
+  });
+}
+
+}  // namespace earlyexit
