@@ -4,10 +4,8 @@ Run as a script (TRITON_INTERPRET must be off when the kernels are decorated): p
 per compiled variant with the PTX features found (16-byte loads and stores) and ptxas' usage.
 """
 
-import collections
 import json
 import os
-import re
 import sys
 
 os.environ["TRITON_INTERPRET"] = "0"  # read when the kernels are decorated, at their import below
@@ -15,7 +13,7 @@ os.environ["TRITON_INTERPRET"] = "0"  # read when the kernels are decorated, at 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
-from triton_aot import resource_usage  # noqa: E402
+from triton_aot import global_accesses, resource_usage  # noqa: E402
 
 from earlyexit.triton_kernels.compaction import block_config, compaction_kernel, scatter_rows_kernel  # noqa: E402
 
@@ -83,13 +81,6 @@ def compile_scatter(arch):
     )
     divisible = [("DEST",), ("INDEX",), ("SRC",), ("W",), ("dest_stride",), ("src_stride",)]
     return _compile(scatter_rows_kernel, signature, constexprs, divisible, arch, cfg["num_warps"])
-
-
-def global_accesses(ptx):
-    """Count of each global load/store instruction ("ld.global.v4.b32": 8, ...), predicated ones included
-    (masked accesses are emitted as "@%p3 ld.global...")."""
-    ops = (re.sub(r"^@!?%p\d+\s+", "", ln.strip()).split(" ")[0] for ln in ptx.splitlines())
-    return collections.Counter(op for op in ops if op.startswith(("ld.global", "st.global")))
 
 
 def main(argv):

@@ -9,6 +9,7 @@ kernels are decorated): prints one JSON line per compiled variant with the PTX f
 (cp.async / 16-byte loads, mma / wgmma) and ptxas' register, stack and spill figures.
 """
 
+import collections
 import json
 import os
 import re
@@ -78,12 +79,24 @@ def compile_exit_check(dtype, n_rows, arch, d=4096, v=128256):
     return kernel, cfg
 
 
+def instructions(ptx):
+    """PTX instructions with their predicate stripped (masked accesses read "@%p3 ld.global...")."""
+    return [re.sub(r"^@!?%p\d+\s+", "", ln.strip()) for ln in ptx.splitlines()]
+
+
+def global_accesses(ptx):
+    """Count of each global load/store instruction ("ld.global.v4.b32": 8, ...), predicated ones included."""
+    ops = (ins.split(" ")[0] for ins in instructions(ptx))
+    return collections.Counter(op for op in ops if op.startswith(("ld.global", "st.global")))
+
+
 def ptx_features(ptx):
-    lines = [ln.strip() for ln in ptx.splitlines()]
+    lines = instructions(ptx)
+    loads = global_accesses(ptx)
     return {
         "cp_async_16": sum(1 for ln in lines if ln.startswith("cp.async.cg") and ", 0x10" in ln),
-        "ld_v4": sum(1 for ln in lines if ln.startswith("ld.global") and ".v4" in ln),
-        "ld_b16": sum(1 for ln in lines if ln.startswith("ld.global") and ".b16" in ln and ".v" not in ln),
+        "ld_v4": sum(n for op, n in loads.items() if op.startswith("ld.global") and ".v4" in op),
+        "ld_b16": sum(n for op, n in loads.items() if op.startswith("ld.global") and op.endswith(".b16")),
         "mma": sum(1 for ln in lines if ln.startswith("mma.sync")),
         "wgmma": sum(1 for ln in lines if ln.startswith("wgmma.mma_async")),
     }
