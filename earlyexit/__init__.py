@@ -2,20 +2,37 @@
 
 Public API: :func:`exit_check` and :class:`ExitResult` (fused exit-head confidence check),
 :func:`build_info` (what is built and which backends run here);
-ragged batch compaction: :func:`compact`, :func:`partition_rows`, :func:`scatter_rows`.
+ragged batch compaction: :func:`compact`, :func:`partition_rows`, :func:`scatter_rows`;
+:class:`EarlyExitLM` (early-exit generation for HuggingFace models; needs transformers, imported lazily);
+exit heads for models never trained to exit: :func:`train_exit_adapters`, :class:`ExitAdapters`, :func:`calibrate`.
 """
 
 __version__ = "0.1.0"
 
+from earlyexit.adapters import ExitAdapters, train_exit_adapters  # noqa: E402
 from earlyexit.backends import build_info  # noqa: E402
+from earlyexit.calibrate import calibrate  # noqa: E402
 from earlyexit.ops import ExitResult, compact, exit_check, partition_rows, scatter_rows  # noqa: E402
 
 __all__ = [
+    "EarlyExitLM",
+    "ExitAdapters",
     "ExitResult",
     "build_info",
+    "calibrate",
     "compact",
     "exit_check",
     "partition_rows",
     "scatter_rows",
+    "train_exit_adapters",
     "__version__",
 ]
+
+
+def __getattr__(name):
+    # Lazy: importing earlyexit must not require transformers.
+    if name == "EarlyExitLM":
+        from earlyexit.hf import EarlyExitLM
+
+        return EarlyExitLM
+    raise AttributeError(f"module 'earlyexit' has no attribute {name!r}")

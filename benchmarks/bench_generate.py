@@ -1,0 +1,174 @@
+"""End-to-end decode benchmark: full depth, exit mode and exact mode, side by side in one run.
+
+GPU: random-weight Llama models at real sizes built from config classes (about 1B: d=2048, 16
+layers; about 8B: d=4096, 32 layers; V=128256), bf16, batch 1, 8 and 32. One exit check at the
+middle layer, its threshold set from the confidence quantiles measured on the same model so that
+about 0, 25, 50 and 75% of tokens exit there (the realized rate is reported). CPU: SmolLM2-135M
+(float32), the same sweep at batch 1 and 4.
+
+Reported per row: decode tokens/s and mean step time; the realized step-time saving against
+model.generate (full depth) next to the ideal saving from the layers skipped (exit rate x share of
+layers after the exit); the share of step time spent in exit checks; for exact mode, the
+acceptance rate. "ee-full" is EarlyExitLM with an unreachable threshold: its gap to model.generate
+is the overhead of the early-exit machinery when nothing exits.
+
+Usage: python benchmarks/bench_generate.py [--quick] [--device cuda] [--out DIR]
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_utils import environment, format_table, synchronize, write_csv  # noqa: E402
+
+from earlyexit import EarlyExitLM  # noqa: E402
+from earlyexit.calibrate import exit_scores  # noqa: E402
+
+RATES = [0.0, 0.25, 0.5, 0.75]
+GPU_MODELS = {
+    "llama-1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32),
+    "llama-8b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32),
+}
+
+
+def random_llama(spec, device, dtype):
+    """A random-weight LlamaForCausalLM (V=128256) built directly on ``device`` in ``dtype``."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=128256, max_position_embeddings=4096, num_key_value_heads=8, **spec)
+    config._attn_implementation = "sdpa"
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = transformers.LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(old)
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def threshold_for_rate(model, exit_layer, rate, vocab, device):
+    """The max_prob threshold that about ``rate`` of teacher-forced random-text positions pass at ``exit_layer``."""
+    if rate <= 0:
+        return 2.0  # unreachable: nothing exits
+    ids = torch.randint(1, vocab, (4, 64), generator=torch.Generator().manual_seed(1))
+    scores = exit_scores(EarlyExitLM(model, [exit_layer]), ids, seq_len=64, progress=False).scores[0]
+    return torch.quantile(scores[torch.isfinite(scores)], 1 - rate).item()
+
+
+def timed(fn, device):
+    synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return out, time.perf_counter() - t0
+
+
+def bench_model(name, model, device, batches, rates, new_tokens, prompt_len=32):
+    rows = []
+    layers = model.config.num_hidden_layers
+    exit_layer = layers // 2
+    vocab = model.config.vocab_size
+    thresholds = {r: threshold_for_rate(model, exit_layer, r, vocab, device) for r in rates}
+    for batch in batches:
+        ids = torch.randint(1, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(batch)).to(device)
+        gen = lambda ids=ids: model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)  # noqa: E731
+        gen()  # warm-up (kernels, autotuning, allocator)
+        _, base_s = timed(gen, device)
+        base_step = base_s / new_tokens
+        rows.append(
+            dict(
+                model=name,
+                batch=batch,
+                mode="hf-generate",
+                target_rate=None,
+                exit_rate=0.0,
+                step_ms=base_step * 1e3,
+                tokens_per_s=batch * new_tokens / base_s,
+            )
+        )
+        configs = [("ee-full", 2.0, "exit", None)] + [
+            (f"exit@{r:.0%}", thresholds[r], "exit", r) for r in rates if r > 0
+        ]
+        configs += [(f"exact@{r:.0%}", thresholds[r], "exact", r) for r in rates if r > 0][-1:]
+        for label, thr, mode, rate in configs:
+            eem = EarlyExitLM(model, [exit_layer], threshold=thr)
+
+            # eos -1 never occurs: every row decodes exactly new_tokens tokens, as model.generate with min_new_tokens.
+            def run(eem=eem, mode=mode, ids=ids):
+                return eem.generate(ids, max_new_tokens=new_tokens, mode=mode, eos_token_id=-1)
+
+            run()
+            out, secs = timed(run, device)
+            stats = out.stats
+            exited = stats["tokens_per_exit_layer"].get(exit_layer, 0) / max(stats["new_tokens"], 1)
+            step = secs / new_tokens
+            ideal = exited * (layers - exit_layer) / layers
+            rows.append(
+                dict(
+                    model=name,
+                    batch=batch,
+                    mode=label,
+                    target_rate=rate,
+                    exit_rate=exited,
+                    step_ms=step * 1e3,
+                    tokens_per_s=batch * new_tokens / secs,
+                    saving=1 - step / base_step,
+                    ideal_saving=ideal if mode == "exit" else None,
+                    step_vs_full=step / base_step,
+                    exit_check_share=stats.get("exit_check_time_share"),
+                    acceptance=stats.get("acceptance_rate"),
+                    mean_layers=stats["mean_layers_per_token"],
+                )
+            )
+            print(format_table(rows[-1:], list(rows[-1])), flush=True)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="smaller sweep (the GPU check script uses this)")
+    p.add_argument("--new-tokens", type=int, default=None)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    env = environment(device)
+    rows = []
+    if device.type == "cuda":
+        models = ["llama-1b"] if args.quick else list(GPU_MODELS)
+        batches = [1, 8] if args.quick else [1, 8, 32]
+        rates = [0.0, 0.5] if args.quick else RATES
+        for name in models:
+            model = random_llama(GPU_MODELS[name], device, torch.bfloat16)
+            rows += bench_model(name, model, device, batches, rates, args.new_tokens or 32)
+            del model
+            torch.cuda.empty_cache()
+    else:
+        from earlyexit.hf.smollm2 import load_smollm2
+
+        model, _ = load_smollm2()
+        rows += bench_model(
+            "smollm2-135m",
+            model,
+            device,
+            [1] if args.quick else [1, 4],
+            [0.0, 0.5] if args.quick else RATES,
+            args.new_tokens or (8 if args.quick else 16),
+        )
+    for r in rows:
+        r.update(env)
+    cols = ["model", "batch", "mode", "exit_rate", "step_ms", "tokens_per_s", "saving", "ideal_saving", "step_vs_full"]
+    print(format_table(rows, cols + ["exit_check_share", "acceptance"]))
+    stem = f"generate_{env['device']}_torch{env['torch']}".replace("+", "_")
+    write_csv(os.path.join(args.out, stem + ".csv"), rows)
+    print(f"wrote {os.path.join(args.out, stem)}.csv")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""Threshold calibration: per-exit-layer thresholds that keep agreement with full depth high.
+
+Teacher-forced on calibration text, each position is scored at every exit layer by the same fused
+exit check generation uses (with the EarlyExitLM's heads and measure). A policy "exit at the first
+exit layer whose confidence passes its threshold" is then simulated for candidate thresholds; a
+greedy search lowers thresholds where that saves the most layers per unit of agreement lost, while
+agreement with the full-depth token stays >= the target.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from earlyexit.ops import exit_check
+from earlyexit.teacher_forcing import collect_states
+from earlyexit.text_data import token_windows
+
+_STEPS = (1, 2, 4, 8, 16, 32)
+
+
+@dataclass
+class CalibrationReport:
+    """What a set of thresholds achieves, teacher-forced on some data.
+
+    Attributes:
+        thresholds: one per exit layer, in the measure's own units (inf / -inf: never exits).
+        agreement: fraction of positions whose token equals the full-depth token.
+        mean_layers: mean decoder layers run per token; num_layers: L.
+        exit_fraction: {exit layer: fraction of tokens exiting there}; the rest run full depth.
+        tokens: positions evaluated; target_agreement: the goal (None when only evaluated).
+    """
+
+    thresholds: list
+    agreement: float
+    mean_layers: float
+    num_layers: int
+    exit_fraction: dict
+    tokens: int
+    measure: str
+    target_agreement: float = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def layer_fraction(self):
+        """mean_layers / L: the share of layer compute that still runs."""
+        return self.mean_layers / self.num_layers
+
+    def __str__(self):
+        thr = ", ".join(f"{k}: {t:.4g}" for k, t in zip(self.exit_fraction, self.thresholds))
+        exits = ", ".join(f"{k}: {f:.1%}" for k, f in self.exit_fraction.items())
+        goal = "" if self.target_agreement is None else f" (target {self.target_agreement:.2%})"
+        return (
+            f"{self.measure} thresholds {{{thr}}}: agreement {self.agreement:.2%}{goal}, "
+            f"{self.mean_layers:.2f} of {self.num_layers} layers ({self.layer_fraction:.1%}) on {self.tokens} tokens; "
+            f"exits {{{exits}}}"
+        )
+
+
+@dataclass
+class ExitScores:
+    """Teacher-forced exit statistics: ``scores`` [m, T] (higher = more confident, -inf = invalid),
+    ``correct`` [m, T] (exit token == full-depth token), exit layers and L."""
+
+    scores: torch.Tensor
+    correct: torch.Tensor
+    exit_layers: list
+    num_layers: int
+    measure: str
+
+
+def _to_score(confidence, measure):
+    score = -confidence if measure == "entropy" else confidence
+    return torch.nan_to_num(score.float(), nan=-torch.inf)
+
+
+def _from_score(score, measure):
+    return -score if measure == "entropy" else score
+
+
+def exit_scores(eem, data, *, tokenizer=None, seq_len=128, max_tokens=8192, progress=True):
+    """Score every position of ``data`` at every exit layer of ``eem`` (teacher-forced). Returns ExitScores."""
+    windows = token_windows(data, seq_len, tokenizer=tokenizer, max_tokens=max_tokens)
+    states, final = collect_states(eem.model, eem.exit_layers, windows, desc="calibration states", progress=progress)
+    return exit_scores_from_states(eem, states, final)
+
+
+@torch.no_grad()
+def exit_scores_from_states(eem, states, final, chunk=4096):
+    """:func:`exit_scores` on states already collected (see :func:`earlyexit.teacher_forcing.collect_states`).
+
+    Every exit layer of ``eem`` must be a key of ``states``; ``final`` [T, d] is the lm_head input.
+    """
+    head = eem.adapter.exit_head
+    dtype, device = head["weight"].dtype, head["weight"].device
+    full = torch.cat(
+        [
+            exit_check(final[i : i + chunk].to(device, dtype), head["weight"], 0.0, bias=head["bias"]).token.cpu()
+            for i in range(0, final.shape[0], chunk)
+        ]
+    )
+    scores, correct = [], []
+    for k, adapter in zip(eem.exit_layers, eem.heads):
+        conf, tok = [], []
+        for i in range(0, final.shape[0], chunk):
+            h = states[k][i : i + chunk].to(device, dtype)
+            if adapter is not None:
+                h = adapter(h)
+            r = exit_check(h, threshold=0.0, measure=eem.measure, **head)
+            conf.append(r.confidence.cpu())
+            tok.append(r.token.cpu())
+        scores.append(_to_score(torch.cat(conf), eem.measure))
+        correct.append(torch.cat(tok) == full)
+    return ExitScores(torch.stack(scores), torch.stack(correct), list(eem.exit_layers), eem.num_layers, eem.measure)
+
+
+def simulate(scores, thresholds):
+    """Agreement and mean layers of "exit at the first layer whose score >= its threshold".
+
+    Args:
+        scores: :class:`ExitScores`. thresholds: float tensor [m] in score units (+inf: never).
+    Returns:
+        (agreement, mean_layers, exit_counts [m]) as (float, float, LongTensor).
+    """
+    passes = scores.scores >= thresholds[:, None]
+    any_pass = passes.any(0)
+    first = passes.int().argmax(0)  # the first passing layer (argmax returns the first maximum)
+    depths = torch.tensor(scores.exit_layers, dtype=torch.float32)
+    layers = torch.where(any_pass, depths[first], float(scores.num_layers))
+    ok = torch.where(any_pass, scores.correct.gather(0, first[None])[0], True)
+    counts = torch.bincount(first[any_pass], minlength=len(scores.exit_layers))
+    return ok.float().mean().item(), layers.mean().item(), counts
+
+
+def choose_thresholds(scores, target_agreement, quantiles=128):
+    """Greedy search for score thresholds with agreement >= target and as few mean layers as possible.
+
+    Starts from "never exit" (agreement 1, L layers) and repeatedly takes the single threshold
+    move, over candidate thresholds at the quantiles of each layer's scores, that saves the most
+    mean layers per unit of agreement lost while staying at or above the target.
+    Returns a float tensor [m] of score thresholds.
+    """
+    m = scores.scores.shape[0]
+    cands = []
+    for j in range(m):
+        s = scores.scores[j][torch.isfinite(scores.scores[j])]
+        qs = torch.quantile(s, torch.linspace(0, 1, quantiles)) if s.numel() else torch.empty(0)
+        cands.append(torch.cat([torch.tensor([torch.inf]), torch.unique(qs).flip(0)]))
+    idx = [0] * m
+    cur = torch.tensor([c[0] for c in cands])
+    acc, lay, _ = simulate(scores, cur)
+    while True:
+        best = None
+        for j in range(m):
+            for step in _STEPS:
+                if idx[j] + step >= len(cands[j]):
+                    break
+                trial = cur.clone()
+                trial[j] = cands[j][idx[j] + step]
+                a, ly, _ = simulate(scores, trial)
+                if a < target_agreement or ly >= lay:
+                    continue
+                ratio = (lay - ly) / max(acc - a, 1e-12)
+                if best is None or ratio > best[0]:
+                    best = (ratio, j, idx[j] + step, a, ly)
+        if best is None:
+            return cur
+        _, j, i, acc, lay = best
+        idx[j] = i
+        cur[j] = cands[j][i]
+
+
+def report_for(scores, thresholds, target_agreement=None):
+    """A :class:`CalibrationReport` for score-unit ``thresholds`` on ``scores``."""
+    acc, lay, counts = simulate(scores, thresholds)
+    total = scores.scores.shape[1]
+    return CalibrationReport(
+        thresholds=[_from_score(t, scores.measure).item() for t in thresholds],
+        agreement=acc,
+        mean_layers=lay,
+        num_layers=scores.num_layers,
+        exit_fraction={k: c.item() / total for k, c in zip(scores.exit_layers, counts)},
+        tokens=total,
+        measure=scores.measure,
+        target_agreement=target_agreement,
+    )
+
+
+def to_score_thresholds(thresholds, measure):
+    """Measure-unit thresholds (as EarlyExitLM holds them) -> score-unit float tensor."""
+    return torch.tensor([float(_from_score(torch.tensor(float(t)), measure)) for t in thresholds])
+
+
+def calibrate(eem, data, *, target_agreement=0.99, tokenizer=None, seq_len=128, max_tokens=8192, progress=True):
+    """Choose per-exit-layer thresholds for ``eem`` on calibration data, and apply them.
+
+    Teacher-forced on ``data``, the chosen thresholds give an agreement with the full-depth token
+    of at least ``target_agreement`` (on this data) with as few mean layers per token as the
+    greedy search finds.
+
+    Args:
+        eem: an :class:`earlyexit.EarlyExitLM` (its heads and measure are used; its thresholds are set).
+        data: list of strings (needs ``tokenizer``) or a LongTensor of token ids.
+        target_agreement: in (0, 1].
+        seq_len, max_tokens: teacher-forcing windows and the token budget.
+    Returns:
+        (thresholds, report): the list set on ``eem.thresholds`` and a :class:`CalibrationReport`.
+    Raises:
+        ValueError: a target outside (0, 1], empty data, strings without a tokenizer.
+    """
+    if not isinstance(target_agreement, (int, float)) or not 0 < target_agreement <= 1:
+        raise ValueError(f"target_agreement: expected a value in (0, 1], got {target_agreement!r}")
+    scores = exit_scores(eem, data, tokenizer=tokenizer, seq_len=seq_len, max_tokens=max_tokens, progress=progress)
+    chosen = choose_thresholds(scores, target_agreement)
+    report = report_for(scores, chosen, target_agreement)
+    eem.thresholds = list(report.thresholds)
+    return report.thresholds, report

@@ -1,0 +1,202 @@
+"""``EarlyExitLM``: drop-in early-exit generation for a HuggingFace Llama-family causal LM.
+
+Exit heads
+----------
+By default every exit uses the model's own final RMSNorm and lm_head (shared), evaluated by the
+fused :func:`earlyexit.exit_check`. ``heads`` adds a per-exit adapter in front of that shared head:
+
+- ``heads`` is a sequence with one entry per exit layer, or a mapping ``{exit_layer: head}``
+  (exit layers it does not name get none); an entry of None means no adapter.
+- A head is any callable (an ``nn.Module`` works) mapping hidden states [N, d] to [N, d] in the
+  model's dtype and device. Its output goes through the shared final norm + lm_head exit check and,
+  when sampling, gives the exit token's distribution. State propagation always uses the raw exit
+  hidden state (the adapter reads the exit head, not the deeper layers).
+"""
+
+import numbers
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from earlyexit.hf.forward import ExitSpec
+from earlyexit.hf.generate import generate
+from earlyexit.hf.model_adapter import ModelAdapter
+from earlyexit.hf.sampling import TokenChooser
+from earlyexit.reference import MEASURES
+
+MODES = ("exit", "exact")
+
+
+def _check_exit_layers(exit_layers, num_layers):
+    if isinstance(exit_layers, int) or not isinstance(exit_layers, Sequence) or len(exit_layers) == 0:
+        raise ValueError(
+            f"exit_layers: expected a non-empty sorted list of ints in [1, {num_layers}), got {exit_layers!r}"
+        )
+    for k in exit_layers:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k < num_layers:
+            raise ValueError(
+                f"exit_layers: each entry must be an int k with 1 <= k < {num_layers} (the model has {num_layers} "
+                f"decoder layers), got {k!r}"
+            )
+    if any(a >= b for a, b in zip(exit_layers, exit_layers[1:])):
+        raise ValueError(f"exit_layers: expected strictly increasing (sorted, no duplicates), got {list(exit_layers)}")
+    return [int(k) for k in exit_layers]
+
+
+def _check_thresholds(threshold, n):
+    if isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
+        return [float(threshold)] * n
+    values = threshold.tolist() if isinstance(threshold, torch.Tensor) else threshold
+    if not isinstance(values, Sequence) or len(values) != n:
+        raise ValueError(f"threshold: expected a float or {n} floats (one per exit layer), got {threshold!r}")
+    return [float(t) for t in values]
+
+
+def _check_heads(heads, exit_layers):
+    if heads is None:
+        return [None] * len(exit_layers)
+    if isinstance(heads, Mapping):
+        unknown = sorted(set(heads) - set(exit_layers))
+        if unknown:
+            raise ValueError(f"heads: keys {unknown} are not exit layers {exit_layers}")
+        heads = [heads.get(k) for k in exit_layers]
+    elif not isinstance(heads, Sequence) or len(heads) != len(exit_layers):
+        raise ValueError(f"heads: expected None, a mapping, or {len(exit_layers)} heads (one per exit layer)")
+    for k, h in zip(exit_layers, heads):
+        if h is not None and not callable(h):
+            raise ValueError(f"heads: the head of exit layer {k} is not callable ({type(h).__name__})")
+    return list(heads)
+
+
+class EarlyExitLM:
+    """Wrap a transformers Llama-family causal LM (Llama, Mistral, Qwen2, Qwen3) for early-exit generation.
+
+    The model's weights are used in place, never copied or changed.
+
+    Args:
+        model: ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` or ``Qwen3ForCausalLM``
+            (sdpa or eager attention).
+        exit_layers: sorted layer counts; k means "exit check after the first k decoder layers",
+            1 <= k < L (for a 30-layer model, e.g. [7, 14, 21]).
+        threshold: one float, or one per exit layer.
+        measure: "max_prob" (exit when >= threshold), "margin" (>=) or "entropy" (<=).
+        heads: per-exit adapters before the shared exit head (see the module docstring).
+
+    Attributes:
+        draft_tokens: exact mode's drafts per verification pass (default 4).
+        compaction: True (default) runs the layers after an exit only on the continuing rows; False
+            keeps every row and masks the exited ones (a reference path: same tokens, no savings).
+        progress: None (default) or a callable called with the number of positions generated so far
+            after each one (for progress bars).
+
+    Raises:
+        ValueError: unsupported architecture (the message lists the supported ones), exit layers out
+            of range, unsorted or duplicated, wrong threshold/heads counts, unknown measure.
+    """
+
+    def __init__(self, model, exit_layers, *, threshold=0.9, measure="max_prob", heads=None):
+        self.adapter = ModelAdapter(model)
+        self.model = model
+        self.exit_layers = _check_exit_layers(exit_layers, self.adapter.num_layers)
+        if measure not in MEASURES:
+            raise ValueError(f"measure: expected one of {MEASURES}, got {measure!r}")
+        self.measure = measure
+        self.thresholds = _check_thresholds(threshold, len(self.exit_layers))
+        self.heads = _check_heads(heads, self.exit_layers)
+        self.draft_tokens = 4
+        self.compaction = True
+        self.progress = None
+
+    @property
+    def num_layers(self):
+        """L, the decoder layers of the wrapped model."""
+        return self.adapter.num_layers
+
+    def _spec(self):
+        return ExitSpec(self.exit_layers, self.thresholds, self.heads, self.measure, self.compaction)
+
+    def _special_tokens(self, eos_token_id):
+        """(eos tensor or None, pad id): like model.generate, defaults from the model's generation config."""
+        gen = getattr(self.model, "generation_config", None)
+        if eos_token_id is None:
+            eos_token_id = getattr(gen, "eos_token_id", None)
+        eos = None
+        if eos_token_id is not None:
+            ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+            eos = torch.tensor(ids, dtype=torch.int64, device=self.adapter.device)
+        pad = getattr(gen, "pad_token_id", None)
+        if pad is None:
+            pad = int(eos[0]) if eos is not None else 0
+        return eos, pad
+
+    def generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        *,
+        max_new_tokens=32,
+        mode="exit",
+        eos_token_id=None,
+        do_sample=False,
+        temperature=1.0,
+        top_p=1.0,
+    ):
+        """Generate with early exits.
+
+        Args:
+            input_ids: int64 [B, T], left-padded when rows differ in length.
+            attention_mask: [B, T] (1 = token, 0 = padding) or None (no padding).
+            max_new_tokens: >= 1.
+            mode: "exit" (each row exits on its own; compute is saved, output may differ from full
+                depth) or "exact" (self-speculative: drafts with exits, verified at full depth; equals
+                ``model.generate`` greedy token for token, or follows its distribution when sampling).
+            eos_token_id: int or list; None uses the model's generation config. Rows stop there.
+            do_sample, temperature, top_p: sampling as in ``model.generate`` (greedy by default).
+
+        Returns:
+            :class:`~earlyexit.hf.generate.GenerateOutput` with ``sequences`` [B, T + n],
+            ``exit_layer`` int64 [B, n], ``stats`` dict and ``cache``.
+
+        Raises:
+            ValueError: bad shapes or arguments (input_ids/attention_mask mismatch, unknown mode, ...).
+        """
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids: expected an int64 tensor [B, T] with T >= 1, got {_describe(input_ids)}")
+        if input_ids.dtype != torch.int64:
+            raise ValueError(f"input_ids: expected dtype torch.int64, got {input_ids.dtype}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        elif not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask: expected shape {tuple(input_ids.shape)} (that of input_ids), "
+                f"got {_describe(attention_mask)}"
+            )
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        if not temperature > 0:
+            raise ValueError(f"temperature: expected > 0, got {temperature!r}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p: expected a value in (0, 1], got {top_p!r}")
+        device = self.adapter.device
+        eos, pad = self._special_tokens(eos_token_id)
+        return generate(
+            self.adapter,
+            self._spec(),
+            input_ids.to(device),
+            attention_mask.to(device).long(),
+            max_new_tokens=max_new_tokens,
+            mode=mode,
+            eos=eos,
+            pad=pad,
+            chooser=TokenChooser(do_sample, float(temperature), float(top_p)),
+            draft_tokens=self.draft_tokens,
+            progress=self.progress,
+        )
+
+
+def _describe(x):
+    if isinstance(x, torch.Tensor):
+        return f"shape {tuple(x.shape)} dtype {x.dtype}"
+    return type(x).__name__

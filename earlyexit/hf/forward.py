@@ -1,0 +1,197 @@
+"""Forward passes over the decoder: full depth (prefill, verification) and one early-exit step.
+
+Both run the decoder layers directly on the rows that are still generating, writing a
+:class:`~earlyexit.hf.cache.RowCache`. The early-exit step checks the exit head after each exit
+layer, compacts the continuing rows (so the deeper layers run only on them), and at the end fills
+the skipped layers of exited rows by state propagation.
+"""
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from earlyexit import compact, exit_check, partition_rows, scatter_rows
+from earlyexit.hf.attention_mask import build_masks, position_ids
+
+
+@dataclass
+class ExitSpec:
+    """Resolved exit configuration of an :class:`~earlyexit.hf.EarlyExitLM`.
+
+    exit_layers: sorted layer counts k (exit check after the first k layers), 1 <= k < L.
+    thresholds: one float per exit layer. heads: one callable [N, d] -> [N, d] or None per exit layer.
+    measure: exit_check measure. compaction: False runs every row through every layer and only masks
+    the results of exited rows (a reference for the compacted path; same tokens, no savings).
+    """
+
+    exit_layers: list
+    thresholds: list
+    heads: list
+    measure: str
+    compaction: bool = True
+
+
+@dataclass
+class Counters:
+    """Accumulated over a generate call.
+
+    exit_check_s: seconds in exit checks. layer_rows: decoder layers x rows x positions computed.
+    propagated_layer_rows: k/v-only layer computations of state propagation.
+    Exact mode: verify_passes, drafted (draft tokens proposed, per row), matched (drafts the verifier agreed with).
+    """
+
+    exit_check_s: float = 0.0
+    layer_rows: int = 0
+    propagated_layer_rows: int = 0
+    verify_passes: int = 0
+    drafted: int = 0
+    matched: int = 0
+
+
+@dataclass
+class _Rows:
+    """Inputs of the rows that run, compacted, plus what state propagation needs for all rows."""
+
+    hidden: torch.Tensor  # [K, q, d]
+    cos: torch.Tensor  # [K, q, head_dim]
+    sin: torch.Tensor
+    pos: torch.Tensor  # [K, q]
+    masks: list  # one [K, 1, q, S] per distinct window, in the order of `windows`
+    rows: torch.Tensor  # int64 [K]: original batch rows
+    cos_all: torch.Tensor  # [B, q, head_dim]
+    sin_all: torch.Tensor
+
+
+def _prologue(adapter, cache, input_ids, attention_mask, running):
+    """Reserve q cache positions, build positions/masks, embed, and compact to the running rows."""
+    start, q = cache.length, input_ids.shape[1]
+    cache.reserve(q)
+    pos = position_ids(attention_mask, start, q)
+    masks = build_masks(attention_mask, start, q, adapter.windows, adapter.attn_impl, adapter.dtype)
+    hidden = adapter.embed(input_ids)
+    cos, sin = adapter.rotary(hidden, pos)
+    (hidden_k, cos_k, sin_k, pos_k, *masks_k), rows = compact(running, hidden, cos, sin, pos, *masks.values())
+    return _Rows(hidden_k, cos_k, sin_k, pos_k, masks_k, rows, cos, sin), list(masks)
+
+
+def _view_rows(rows, batch):
+    # All rows: the layers read the cache tensors directly instead of gathering a copy.
+    return None if rows.shape[0] == batch else rows
+
+
+def full_forward(adapter, cache, input_ids, attention_mask, running, counters):
+    """Full-depth pass over positions [cache.length, cache.length + q) for the running rows.
+
+    Args:
+        input_ids: [B, q] int64. attention_mask: [B, S] with S >= cache.length + q.
+        running: [B] bool, the rows to compute (the other rows' new positions stay zero).
+
+    Returns:
+        (hidden [K, q, d] after the last layer, rows int64 [K]).
+    """
+    batch = input_ids.shape[0]
+    r, windows = _prologue(adapter, cache, input_ids, attention_mask, running)
+    view = cache.view(_view_rows(r.rows, batch))
+    h = r.hidden
+    for idx in range(adapter.num_layers):
+        mask = r.masks[windows.index(adapter.windows[idx])]
+        h = adapter.run_layer(idx, h, mask, r.pos, (r.cos, r.sin), view)
+    counters.layer_rows += adapter.num_layers * r.rows.shape[0] * input_ids.shape[1]
+    return h, r.rows
+
+
+def _timed_check(spec, i, hidden, adapter, counters):
+    """Exit check of exit point i on hidden [K, d] (through its head), timed."""
+    t0 = time.perf_counter()
+    head = spec.heads[i]
+    x = hidden if head is None else head(hidden)
+    res = exit_check(x, threshold=spec.thresholds[i], measure=spec.measure, **adapter.exit_head)
+    exits = res.exit
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)  # the exit decision needs the result on the host anyway
+    counters.exit_check_s += time.perf_counter() - t0
+    return x, res.token, exits
+
+
+def exit_step(adapter, cache, spec, input_ids, attention_mask, running, chooser, counters):
+    """One decoding step with per-row early exits, compaction and state propagation.
+
+    Args:
+        input_ids: [B, 1] int64, the last token of each row. attention_mask: [B, S], S >= cache.length + 1.
+        running: [B] bool, rows still generating (the others are skipped entirely).
+        chooser: :class:`~earlyexit.hf.sampling.TokenChooser` (greedy or sampling).
+
+    Returns:
+        (tokens int64 [B], exit_layer int64 [B]): the next token of each running row and the number
+        of decoder layers it ran (L for full depth; 0 for rows that are not running).
+    """
+    batch, num_layers = input_ids.shape[0], adapter.num_layers
+    device = input_ids.device
+    r, windows = _prologue(adapter, cache, input_ids, attention_mask, running)
+    tokens = torch.zeros(batch, dtype=torch.int64, device=device)
+    exit_layer = torch.zeros(batch, dtype=torch.int64, device=device)
+    exit_hidden = torch.zeros(batch, 1, r.hidden.shape[-1], dtype=r.hidden.dtype, device=device)
+    exit_at = {k: i for i, k in enumerate(spec.exit_layers)}
+
+    h, cos, sin, pos, masks, rows = r.hidden, r.cos, r.sin, r.pos, r.masks, r.rows
+    # Masking-only path (no compaction): exited rows keep running and `done` marks them.
+    done = torch.zeros(rows.shape[0], dtype=torch.bool, device=device)
+    for idx in range(num_layers):
+        if rows.shape[0] == 0:
+            break
+        view = cache.view(_view_rows(rows, batch))
+        h = adapter.run_layer(idx, h, masks[windows.index(adapter.windows[idx])], pos, (cos, sin), view)
+        counters.layer_rows += rows.shape[0]
+        i = exit_at.get(idx + 1)
+        if i is None:
+            continue
+        x, tok, exits = _timed_check(spec, i, h[:, -1], adapter, counters)
+        exits = exits & ~done
+        n_exit = int(exits.sum())
+        if n_exit == 0:
+            continue
+        if chooser.do_sample:
+            tok = tok.masked_scatter(exits, chooser(adapter.logits(x[exits])))
+        if spec.compaction:
+            # Continuing rows first, exited rows after, in one fused call; the split point is known (n_exit).
+            parts, _, _ = partition_rows(~exits, h, cos, sin, pos, rows, tok, *masks)
+            k = rows.shape[0] - n_exit
+            gone, gone_tok, gone_h = parts[4][k:], parts[5][k:], parts[0][k:]
+            h, cos, sin, pos, rows = (t[:k] for t in parts[:5])
+            masks = [m[:k] for m in parts[6:]]
+            done = done[:k]
+        else:
+            gone, gone_tok, gone_h = rows[exits], tok[exits], h[exits]
+            done = done | exits
+            if bool(done.all()):
+                rows = rows[:0]
+        scatter_rows(tokens, gone, gone_tok)
+        scatter_rows(exit_layer, gone, torch.full_like(gone, idx + 1))
+        scatter_rows(exit_hidden, gone, gone_h)
+
+    if rows.shape[0] > 0:
+        live = rows[~done]
+        last = adapter.logits(h[~done][:, -1])
+        scatter_rows(tokens, live, chooser(last))
+        scatter_rows(exit_layer, live, torch.full_like(live, num_layers))
+    _propagate(adapter, cache, spec, exit_hidden, exit_layer, running, r, counters)
+    return tokens, exit_layer
+
+
+def _propagate(adapter, cache, spec, exit_hidden, exit_layer, running, r, counters):
+    """State propagation: fill the layers each exited row skipped, one batched pass per layer.
+
+    A row that exited after k layers skips layers k..L-1; between two exit points the set of rows
+    that skip a layer does not change, so it is compacted once per segment.
+    """
+    bounds = list(spec.exit_layers) + [adapter.num_layers]
+    for i, k in enumerate(spec.exit_layers):
+        skipped = running & (exit_layer <= k)
+        (h, cos, sin), rows = compact(skipped, exit_hidden, r.cos_all, r.sin_all)
+        if rows.shape[0] == 0:
+            continue
+        for idx in range(k, bounds[i + 1]):
+            keys, values = adapter.project_kv(idx, h, cos, sin)
+            cache.write(idx, rows, keys, values)
+        counters.propagated_layer_rows += rows.shape[0] * (bounds[i + 1] - k)

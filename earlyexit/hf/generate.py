@@ -1,0 +1,228 @@
+"""Generation loops: exit mode (per-row early exits) and exact mode (self-speculative decoding).
+
+Both start with a full-depth prefill of the prompt minus its last token; the last prompt token is
+then the input of the first step, so the first generated token goes through the exit checks like
+every other one. Finished rows (end of sequence) stop computing and are padded, as in
+``model.generate``.
+"""
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from earlyexit.hf.cache import RowCache
+from earlyexit.hf.forward import Counters, exit_step, full_forward
+from earlyexit.hf.sampling import TokenChooser
+
+
+@dataclass
+class GenerateOutput:
+    """Result of :meth:`earlyexit.EarlyExitLM.generate`.
+
+    sequences: int64 [B, T + n], prompt then generated tokens; rows that finished early are padded.
+    exit_layer: int64 [B, n], decoder layers run for each generated token (L = full depth; 0 for the
+        padding after a row finished). Exact mode: the draft's exit layer for accepted draft tokens,
+        L for the tokens that come from the verification pass.
+    stats: dict, see :func:`_stats`.
+    cache: the ``transformers.DynamicCache`` after generation (``cache.layers[i].keys`` is
+        [B, H_kv, S, D]); position T - 1 + j holds the input of generation step j.
+    """
+
+    sequences: torch.Tensor
+    exit_layer: torch.Tensor
+    stats: dict
+    cache: object
+
+
+class _Run:
+    """State shared by both loops: cache, counters, padding mask, finished rows, outputs."""
+
+    def __init__(self, adapter, input_ids, attention_mask, eos, pad, progress):
+        batch = input_ids.shape[0]
+        self.adapter = adapter
+        self.cache = RowCache(
+            adapter.num_layers, batch, adapter.num_kv_heads, adapter.head_dim, adapter.dtype, input_ids.device
+        )
+        self.counters = Counters()
+        self.eos = eos
+        self.pad = pad
+        self.progress = progress
+        self.unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
+        self.tokens, self.layers = [], []
+        # Invariant: attention_mask covers the cached positions plus the one of `pending`.
+        self.attention_mask = attention_mask
+        self.pending = input_ids[:, -1:]
+        if input_ids.shape[1] > 1:
+            full_forward(adapter, self.cache, input_ids[:, :-1], attention_mask, self.unfinished, Counters())
+
+    def ones(self, n):
+        """attention_mask extended by n real positions: [B, S + n]."""
+        am = self.attention_mask
+        return torch.cat([am, am.new_ones(am.shape[0], n)], dim=1)
+
+    def emit(self, tokens, layers):
+        """Append one generated token per row ([B] each); finished rows get padding. Returns True when all finished."""
+        tokens = torch.where(self.unfinished, tokens, self.pad)
+        self.tokens.append(tokens)
+        self.layers.append(torch.where(self.unfinished, layers, 0))
+        if self.eos is not None:
+            self.unfinished &= ~torch.isin(tokens, self.eos)
+        if self.progress is not None:
+            self.progress(len(self.tokens))
+        return not bool(self.unfinished.any())
+
+
+def generate_exit(adapter, spec, input_ids, attention_mask, max_new_tokens, eos, pad, chooser, progress):
+    """Exit mode: every token of every row exits at the first exit layer whose check passes."""
+    run = _Run(adapter, input_ids, attention_mask, eos, pad, progress)
+    for _ in range(max_new_tokens):
+        running = run.unfinished.clone()
+        tokens, layers = exit_step(
+            adapter, run.cache, spec, run.pending, run.attention_mask, running, chooser, run.counters
+        )
+        if run.emit(tokens, layers):
+            break
+        run.pending = tokens[:, None]
+        run.attention_mask = run.ones(1)
+    return run
+
+
+def _accept(chooser, logits, drafts):
+    """How many drafts each row accepts, and the token that follows them.
+
+    Args:
+        logits: [K, n + 1, V] full-depth logits at the pending position and after each draft.
+        drafts: [K, n] int64 greedy drafts.
+
+    Returns:
+        (accepted int64 [K], target int64 [K, n + 1]): row r keeps drafts[r, :accepted[r]] and then
+        target[r, accepted[r]]; target equals the drafts where they were accepted.
+        Greedy: a draft is accepted while it equals the full-depth argmax. Sampling: speculative
+        sampling with a deterministic draft, so the output follows the full model's distribution:
+        draft x is accepted with probability p(x); at the first rejection the token is drawn from p
+        with x removed, and after n acceptances from the last position's p.
+    """
+    n = drafts.shape[1]
+    if not chooser.do_sample:
+        target = logits.argmax(-1)
+        accepted = (drafts == target[:, :n]).long().cumprod(1).sum(1)
+        return accepted, target
+    probs = chooser.probs(logits)
+    p_draft = probs[:, :n].gather(-1, drafts[..., None]).squeeze(-1)
+    accepted = (torch.rand_like(p_draft) < p_draft).long().cumprod(1).sum(1)
+    p_next = probs[torch.arange(drafts.shape[0], device=drafts.device), accepted]  # [K, V]
+    if n:
+        rejected = drafts.gather(1, accepted.clamp(max=n - 1)[:, None])
+        removed = p_next.scatter(-1, rejected, 0.0)
+        p_next = torch.where((accepted < n)[:, None], removed, p_next)
+    target = torch.cat([drafts, drafts.new_zeros(drafts.shape[0], 1)], dim=1)
+    return accepted, target.scatter(1, accepted[:, None], torch.multinomial(p_next, 1))
+
+
+def generate_exact(adapter, spec, input_ids, attention_mask, max_new_tokens, eos, pad, chooser, draft_tokens, progress):
+    """Exact mode: draft with early exits, verify each block with one full-depth pass.
+
+    Rows of a batch share cache positions, so each round keeps the shortest accepted prefix over the
+    running rows (plus the verifier's next token) and crops the rest of the cache.
+    """
+    run = _Run(adapter, input_ids, attention_mask, eos, pad, progress)
+    greedy = TokenChooser(False, 1.0, 1.0)
+    num_layers, batch = adapter.num_layers, input_ids.shape[0]
+    c = run.counters
+    produced, done = 0, False
+    while not done:
+        running = run.unfinished.clone()
+        n = min(draft_tokens, max_new_tokens - produced - 1)
+        start = run.cache.length
+        drafts, draft_layers, pending, am = [], [], run.pending, run.attention_mask
+        for _ in range(n):
+            tok, lay = exit_step(adapter, run.cache, spec, pending, am, running, greedy, c)
+            drafts.append(tok)
+            draft_layers.append(lay)
+            pending = tok[:, None]
+            am = torch.cat([am, am.new_ones(batch, 1)], dim=1)
+        run.cache.crop(run.cache.length - start)
+
+        block = torch.cat([run.pending] + [d[:, None] for d in drafts], dim=1)  # [B, n + 1]
+        hidden, rows = full_forward(adapter, run.cache, block, run.ones(n), running, c)
+        accepted, target = _accept(chooser, adapter.logits(hidden), block[rows, 1:])
+        a = int(accepted.min())
+        c.verify_passes += 1
+        c.drafted += n * rows.shape[0]
+        c.matched += int(accepted.sum())
+        run.cache.crop(n - a)
+
+        new = torch.full((batch, a + 1), pad, dtype=torch.int64, device=block.device)
+        new[rows] = target[:, : a + 1]
+        full = torch.full((batch, 1), num_layers, dtype=torch.int64, device=block.device)
+        layers = torch.cat([torch.stack(draft_layers, 1), full], 1) if n else full
+        # A token's layer count is the draft's while the row's drafts were accepted, else full depth.
+        from_draft = torch.zeros(batch, n + 1, dtype=torch.bool, device=block.device)
+        from_draft[rows] = torch.arange(n + 1, device=block.device) < accepted[:, None]
+        layers = torch.where(from_draft, layers, num_layers)
+        for i in range(a + 1):
+            done = run.emit(new[:, i], layers[:, i])
+            produced += 1
+            if done:
+                break
+        done = done or produced >= max_new_tokens
+        run.pending = new[:, a : a + 1]
+        run.attention_mask = run.ones(a + 1)
+    return run
+
+
+def _stats(run, spec, mode, seconds, exit_layer):
+    """Statistics of a generate call (counted over generated tokens, not the padding after a row finished).
+
+    mean_layers_per_token, layer_compute_skipped (1 - decoder-layer row computations / (L x tokens);
+    negative when more than full depth was computed, as exact mode can), tokens_per_exit_layer
+    {k: count} (L = full depth), new_tokens, seconds, tokens_per_s, exit_check_time_share,
+    propagated_layer_rows (k/v-only layer computations of state propagation); exact mode also
+    acceptance_rate (share of drafts equal to the verifier's token, per row) and
+    full_depth_passes_per_token (verification passes per generated position).
+    """
+    num_layers = run.adapter.num_layers
+    generated = exit_layer > 0
+    n_tok = int(generated.sum())
+    c = run.counters
+    stats = {
+        "mean_layers_per_token": float(exit_layer[generated].float().mean()) if n_tok else 0.0,
+        "layer_compute_skipped": 1.0 - c.layer_rows / (num_layers * n_tok) if n_tok else 0.0,
+        "tokens_per_exit_layer": {k: int((exit_layer == k).sum()) for k in [*spec.exit_layers, num_layers]},
+        "new_tokens": n_tok,
+        "seconds": seconds,
+        "tokens_per_s": n_tok / seconds if seconds > 0 else float("inf"),
+        "exit_check_time_share": c.exit_check_s / seconds if seconds > 0 else 0.0,
+        "propagated_layer_rows": c.propagated_layer_rows,
+    }
+    if mode == "exact":
+        stats["acceptance_rate"] = c.matched / c.drafted if c.drafted else 0.0
+        stats["full_depth_passes_per_token"] = c.verify_passes / exit_layer.shape[1] if exit_layer.shape[1] else 0.0
+    return stats
+
+
+def generate(
+    adapter, spec, input_ids, attention_mask, *, max_new_tokens, mode, eos, pad, chooser, draft_tokens, progress=None
+):
+    """Run one mode and package sequences, exit layers and statistics as a :class:`GenerateOutput`.
+
+    progress: None or a callable receiving the number of positions generated so far, after each one.
+    """
+    device = input_ids.device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        if mode == "exit":
+            run = generate_exit(adapter, spec, input_ids, attention_mask, max_new_tokens, eos, pad, chooser, progress)
+        else:
+            run = generate_exact(
+                adapter, spec, input_ids, attention_mask, max_new_tokens, eos, pad, chooser, draft_tokens, progress
+            )
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    sequences = torch.cat([input_ids, torch.stack(run.tokens, 1)], dim=1)
+    exit_layer = torch.stack(run.layers, 1)
+    return GenerateOutput(sequences, exit_layer, _stats(run, spec, mode, seconds, exit_layer), run.cache.cache)

@@ -1,0 +1,237 @@
+"""EarlyExitLM on small random-weight Llama-family models (CPU, seconds).
+
+The oracle is transformers itself: model.generate for greedy output, output_hidden_states and the
+model's own cache for exit tokens and key/value states.
+"""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from tiny_models import tiny_causal_lm  # noqa: E402
+
+from earlyexit import EarlyExitLM  # noqa: E402
+
+L = 6
+EXITS = [2, 4]
+T = 7
+
+
+def _model(kind):
+    return tiny_causal_lm(kind, num_layers=L)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def model(request):
+    return _model(request.param)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """Three prompts of lengths 7, 4 and 2, left-padded with token 0."""
+    torch.manual_seed(1)
+    ids = torch.randint(3, 300, (3, T))
+    am = torch.ones_like(ids)
+    am[1, :3] = 0
+    am[2, :5] = 0
+    return ids.masked_fill(am == 0, 0), am
+
+
+def _reference(model, ids, am, n, eos=None):
+    with torch.no_grad():
+        return model.generate(
+            ids, attention_mask=am, max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=0
+        )
+
+
+def test_exact_mode_equals_generate(model, batch):
+    ids, am = batch
+    ref = _reference(model, ids, am, 12)
+    eem = EarlyExitLM(model, EXITS, threshold=0.1)
+    out = eem.generate(ids, am, max_new_tokens=12, mode="exact")
+    assert torch.equal(out.sequences, ref)
+    assert out.exit_layer.shape == (3, 12)
+    assert (out.exit_layer < L).any(), "drafts should exit early sometimes, else the test is vacuous"
+    assert 0 <= out.stats["acceptance_rate"] <= 1 and out.stats["full_depth_passes_per_token"] > 0
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral"])
+def test_exact_mode_other_architectures(kind, batch):
+    # Mistral with a 5-token window: the sliding-window mask is exercised beyond the window.
+    model = _model(kind)
+    ids, am = batch
+    ref = _reference(model, ids, am, 8)
+    out = EarlyExitLM(model, EXITS, threshold=0.1).generate(ids, am, max_new_tokens=8, mode="exact")
+    assert torch.equal(out.sequences, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(dtype, batch):
+    model = _model("llama").to(dtype)
+    ids, am = batch
+    ref = _reference(model, ids, am, 8)
+    eem = EarlyExitLM(model, EXITS, threshold=0.1)
+    assert torch.equal(eem.generate(ids, am, max_new_tokens=8, mode="exact").sequences, ref)
+    compacted = eem.generate(ids, am, max_new_tokens=8)
+    eem.compaction = False
+    assert torch.equal(eem.generate(ids, am, max_new_tokens=8).sequences, compacted.sequences)
+
+
+def test_exact_mode_eos_padding(model, batch):
+    ids, am = batch
+    free = _reference(model, ids, am, 8)
+    eos = int(free[0, T + 3])  # row 0 stops after 4 tokens, the others continue (or stop) on their own
+    ref = _reference(model, ids, am, 8, eos=eos)
+    eem = EarlyExitLM(model, EXITS, threshold=0.1)
+    for mode in ("exact", "exit"):
+        eem.thresholds = [0.1, 0.1] if mode == "exact" else [2.0, 2.0]
+        out = eem.generate(ids, am, max_new_tokens=8, mode=mode, eos_token_id=eos)
+        assert torch.equal(out.sequences, ref), mode
+        finished = out.sequences[0, T + 4 :]
+        assert (finished == 0).all() and (out.exit_layer[0, 4:] == 0).all()
+
+
+def test_exact_sampling_with_tiny_top_p_is_greedy(model, batch):
+    # top_p -> 0 keeps only the most likely token: speculative sampling must then reproduce greedy.
+    ids, am = batch
+    ref = _reference(model, ids, am, 8)
+    eem = EarlyExitLM(model, EXITS, threshold=0.1)
+    out = eem.generate(ids, am, max_new_tokens=8, mode="exact", do_sample=True, top_p=1e-6)
+    assert torch.equal(out.sequences, ref)
+
+
+def test_exit_sampling_runs(model, batch):
+    ids, am = batch
+    torch.manual_seed(0)
+    out = EarlyExitLM(model, EXITS, threshold=0.1).generate(
+        ids, am, max_new_tokens=6, do_sample=True, temperature=0.7, top_p=0.9
+    )
+    assert out.sequences.shape == (3, T + 6)
+    assert ((out.sequences >= 0) & (out.sequences < 300)).all()
+
+
+def test_unreachable_threshold_is_full_depth(model, batch):
+    ids, am = batch
+    ref = _reference(model, ids, am, 10)
+    out = EarlyExitLM(model, EXITS, threshold=1.5).generate(ids, am, max_new_tokens=10)
+    assert torch.equal(out.sequences, ref)
+    assert (out.exit_layer == L).all()
+    assert out.stats["mean_layers_per_token"] == L and out.stats["layer_compute_skipped"] == 0
+
+
+def _first_step_states(model, ids, am):
+    """Full forward with generate's positions: (hidden states per layer, the model's cache, positions)."""
+    pos = (am.cumsum(-1) - 1).clamp(min=0)
+    full = model(ids, attention_mask=am, position_ids=pos, output_hidden_states=True, use_cache=True)
+    return full.hidden_states, getattr(full, "cache", None) or full.past_key_values, pos  # cache: renamed in v5
+
+
+def _propagated(model, idx, h, cos, sin):
+    """Key/value states layer idx caches for hidden h [B, 1, d], computed from the HF modules directly."""
+    layer = model.model.layers[idx]
+    attn = layer.self_attn
+    module = __import__(type(attn).__module__, fromlist=["apply_rotary_pos_emb"])
+    x = layer.input_layernorm(h)
+    shape = (h.shape[0], 1, -1, attn.head_dim)
+    k = attn.k_proj(x).view(shape)
+    if hasattr(attn, "k_norm"):
+        k = attn.k_norm(k)
+    k, _ = module.apply_rotary_pos_emb(k.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    return k[:, :, 0], attn.v_proj(x).view(shape).transpose(1, 2)[:, :, 0]
+
+
+def test_first_exit_token(model, batch):
+    """Threshold 0: every row exits at the first exit layer k with the token of the first k layers."""
+    ids, am = batch
+    k = EXITS[0]
+    out = EarlyExitLM(model, EXITS, threshold=0.0).generate(ids, am, max_new_tokens=3)
+    assert (out.exit_layer == k).all()
+    with torch.no_grad():
+        hidden, _, _ = _first_step_states(model, ids, am)
+        direct = model.lm_head(model.model.norm(hidden[k][:, -1])).argmax(-1)
+    assert torch.equal(out.sequences[:, T], direct)
+
+
+def test_propagated_cache(model, batch):
+    """Rows exit at different layers in the same step; every layer's cache entry is the right one.
+
+    Thresholds are set from the direct computation so that at the first step row a exits at the
+    first exit, row b at the second and row c runs full depth.
+    """
+    ids, am = batch
+    with torch.no_grad():
+        hidden, hf_cache, pos = _first_step_states(model, ids, am)
+        p = [model.lm_head(model.model.norm(hidden[k][:, -1])).softmax(-1).amax(-1) for k in EXITS]
+    # Thresholds halfway between neighbouring confidences, so rounding differences cannot flip a decision.
+    order0 = p[0].argsort(descending=True).tolist()
+    rest = sorted(order0[1:], key=lambda r: -float(p[1][r]))
+    t0 = float(p[0][order0[0]] + p[0][order0[1]]) / 2
+    t1 = float(p[1][rest[0]] + p[1][rest[1]]) / 2
+    out = EarlyExitLM(model, EXITS, threshold=[t0, t1]).generate(ids, am, max_new_tokens=2)
+    exit_at = out.exit_layer[:, 0]
+    assert sorted(exit_at.tolist()) == sorted([EXITS[0], EXITS[1], L]), exit_at
+
+    with torch.no_grad():
+        for r in range(3):
+            k = int(exit_at[r])
+            h = hidden[k][r : r + 1, -1:]
+            cos, sin = model.model.rotary_emb(h, pos[r : r + 1, -1:])
+            for idx in range(L):
+                keys = out.cache.layers[idx].keys[r, :, T - 1]
+                values = out.cache.layers[idx].values[r, :, T - 1]
+                assert keys.abs().sum() > 0 and values.abs().sum() > 0, f"row {r} layer {idx}: empty entry"
+                if idx < k:  # computed by the layer itself: as in the model's own cache
+                    want_k = hf_cache.layers[idx].keys[r, :, T - 1]
+                    want_v = hf_cache.layers[idx].values[r, :, T - 1]
+                else:  # skipped: state propagation of the exit hidden state
+                    want_k, want_v = (t[0] for t in _propagated(model, idx, h, cos, sin))
+                torch.testing.assert_close(keys, want_k, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(values, want_v, rtol=1e-5, atol=1e-5)
+
+
+def test_compacted_equals_masking_only(model, batch):
+    ids, am = batch
+    eem = EarlyExitLM(model, EXITS, threshold=[0.2, 0.1])
+    compacted = eem.generate(ids, am, max_new_tokens=12)
+    layers = set(compacted.exit_layer.flatten().tolist())
+    assert len(layers) >= 2, f"need mixed exits for a meaningful comparison, got {layers}"
+    eem.compaction = False
+    masked = eem.generate(ids, am, max_new_tokens=12)
+    assert torch.equal(compacted.sequences, masked.sequences)
+    assert torch.equal(compacted.exit_layer, masked.exit_layer)
+    assert compacted.stats["layer_compute_skipped"] > masked.stats["layer_compute_skipped"]
+
+
+def test_identity_heads_match_shared_head(model, batch):
+    ids, am = batch
+    plain = EarlyExitLM(model, EXITS, threshold=0.1).generate(ids, am, max_new_tokens=6)
+    seq = EarlyExitLM(model, EXITS, threshold=0.1, heads=[torch.nn.Identity(), None]).generate(
+        ids, am, max_new_tokens=6
+    )
+    mapping = EarlyExitLM(model, EXITS, threshold=0.1, heads={4: lambda x: x}).generate(ids, am, max_new_tokens=6)
+    assert torch.equal(plain.sequences, seq.sequences) and torch.equal(plain.sequences, mapping.sequences)
+
+
+def test_errors(batch):
+    model = _model("llama")
+    ids, am = batch
+    for bad in ([0, 2], [2, L], [4, 2], [2, 2], [], 3):
+        with pytest.raises(ValueError, match="exit_layers"):
+            EarlyExitLM(model, bad)
+    with pytest.raises(ValueError, match="threshold"):
+        EarlyExitLM(model, EXITS, threshold=[0.5])
+    with pytest.raises(ValueError, match="measure"):
+        EarlyExitLM(model, EXITS, measure="nope")
+    with pytest.raises(ValueError, match="heads"):
+        EarlyExitLM(model, EXITS, heads=[None])
+    eem = EarlyExitLM(model, EXITS)
+    with pytest.raises(ValueError, match="attention_mask"):
+        eem.generate(ids, am[:, 1:])
+    with pytest.raises(ValueError, match="input_ids"):
+        eem.generate(ids[0])
+    with pytest.raises(ValueError, match="mode"):
+        eem.generate(ids, am, mode="fast")
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="LlamaForCausalLM.*Qwen3ForCausalLM"):
+        EarlyExitLM(gpt2, [1])
