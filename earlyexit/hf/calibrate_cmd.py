@@ -32,8 +32,8 @@ def save_thresholds(folder, eem, report):
         )
 
 
-def load_heads(folder, model):
-    """(adapters, policy dict or None) saved by ``earlyexit calibrate`` in ``folder``."""
+def load_heads(folder, model=None):
+    """(adapters, policy dict or None) saved by ``earlyexit calibrate`` in ``folder``; checked against ``model``."""
     adapters = ExitAdapters.load(folder, model=model)
     path = os.path.join(folder, THRESHOLDS_FILE)
     policy = None

@@ -77,10 +77,12 @@ def run_demo(
     exit_layers=(12, 18, 24),
     threshold=0.9,
     heads=None,
+    measure="max_prob",
     out=sys.stdout,
 ):
     """Load SmolLM2, generate the built-in prompts three ways, print the comparison. Returns the summary rows.
 
+    threshold: one float or one per exit layer, for ``measure``.
     heads: exit heads for :class:`~earlyexit.EarlyExitLM` (e.g. trained ``ExitAdapters``), or None.
     """
     from earlyexit import EarlyExitLM
@@ -93,7 +95,11 @@ def run_demo(
     model, tokenizer = load_smollm2(dtype=getattr(torch, dtype), device=device)
     num_layers = model.config.num_hidden_layers
     out.write(f"  loaded in {time.perf_counter() - t0:.1f} s: {num_layers} layers, d={model.config.hidden_size}, ")
-    out.write(f"V={model.config.vocab_size}; exits after layers {list(exit_layers)}, max_prob >= {threshold}\n\n")
+    if hasattr(heads, "check_model"):
+        heads.check_model(model)
+    rule = "<=" if measure == "entropy" else ">="
+    out.write(f"V={model.config.vocab_size}; exits after layers {list(exit_layers)}, {measure} {rule} {threshold}")
+    out.write(", with trained exit adapters\n\n" if heads is not None else "\n\n")
 
     chats = [
         tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
@@ -102,7 +108,7 @@ def run_demo(
     enc = tokenizer(chats, return_tensors="pt", padding=True).to(device)
     prompt_len = enc.input_ids.shape[1]
     pad = model.generation_config.pad_token_id
-    eem = EarlyExitLM(model, list(exit_layers), threshold=threshold, heads=heads)
+    eem = EarlyExitLM(model, list(exit_layers), threshold=threshold, measure=measure, heads=heads)
 
     # Warm-up (one-off costs: op registration, allocator) so the timings compare steady states.
     model.generate(**enc, max_new_tokens=2, do_sample=False)
