@@ -119,6 +119,15 @@ def test_cpu_chunks_and_row_blocks(dtype, n, d, v):
 
 
 @needs_ext
+def test_cpu_weight_that_requires_grad():
+    """An nn.Parameter head (requires_grad=True, grad mode on) runs like a plain tensor."""
+    head = torch.nn.Linear(40, 300, bias=False)
+    hidden = torch.randn(12, 40)  # > 8 rows: the BLAS path, whose out= call rejects tensors needing grad
+    res = exit_check(hidden, head.weight, 0.1, backend="cpu")
+    assert_matches_reference(res, hidden, head.weight.detach(), torch.full((12,), 0.1))
+
+
+@needs_ext
 def test_cpu_ties_across_chunks_pick_lowest_index():
     d, v = 8, 20000  # chunk boundaries at multiples of a few hundred columns
     hidden = torch.ones(3, d)

@@ -11,6 +11,7 @@
 // bf16/fp16 weight chunk), plus N * n_chunks RowStats for the partials.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/GradMode.h>
 
 #include <algorithm>
 #include <cmath>
@@ -68,6 +69,9 @@ void normalize_rows(const ExitArgs& a, float* x, uint8_t* finite) {
 }  // namespace
 
 void exit_check_cpu(const ExitArgs& a, const ExitOutputs& out) {
+  // The ATen calls inside (mm_out, copy_) are kernel internals: a weight that requires grad (an
+  // nn.Parameter) must not make them record autograd history or reject out= arguments.
+  const c10::NoGradGuard no_grad;
   const int64_t n = a.hidden.size(0), d = a.hidden.size(1), v = a.weight.size(0);
   if (n == 0) return;
   at::Tensor x = at::empty({n, d}, a.hidden.options().dtype(at::kFloat));
