@@ -69,9 +69,6 @@ void normalize_rows(const ExitArgs& a, float* x, uint8_t* finite) {
 }  // namespace
 
 void exit_check_cpu(const ExitArgs& a, const ExitOutputs& out) {
-  // The ATen calls inside (mm_out, copy_) are kernel internals: a weight that requires grad (an
-  // nn.Parameter) must not make them record autograd history or reject out= arguments.
-  const c10::NoGradGuard no_grad;
   const int64_t n = a.hidden.size(0), d = a.hidden.size(1), v = a.weight.size(0);
   if (n == 0) return;
   at::Tensor x = at::empty({n, d}, a.hidden.options().dtype(at::kFloat));
@@ -89,6 +86,10 @@ void exit_check_cpu(const ExitArgs& a, const ExitOutputs& out) {
 
   // Tasks in chunk-major order: consecutive tasks share a weight chunk across row blocks.
   at::parallel_for(0, row_blocks * chunks, 1, [&](int64_t begin, int64_t end) {
+    // The ATen calls below (mm_out, copy_) are kernel internals: a weight that requires grad (an
+    // nn.Parameter) must not make them record history or reject out=. Grad mode is thread-local and
+    // at::parallel_for does not carry it to its worker threads, so the guard is set here, per thread.
+    const c10::NoGradGuard no_grad;
     at::Tensor zbuf = at::empty({rows * cols}, x.options());
     at::Tensor wbuf = upcast ? at::empty({cols, d}, x.options()) : at::Tensor();
     at::Tensor bbuf = (a.bias && !bias_f32) ? at::empty({cols}, x.options()) : at::Tensor();
