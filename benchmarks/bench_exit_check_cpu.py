@@ -9,6 +9,7 @@ measured at the start of the same run, plus the speedup over eager. Usage:
 
 import argparse
 import datetime
+import os
 import platform
 import statistics
 import time
@@ -61,15 +62,19 @@ def main(argv=None):
     p.add_argument("--n", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     weight = (torch.randn(args.v, args.d) / args.d**0.5).to(dtype)
     norm_weight = torch.rand(args.d) + 0.5
     wbytes = weight.numel() * weight.element_size()
     copy_gbs = copy_bandwidth(wbytes, args.reps)
-    print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, ")
-    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"# {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, load average {load}")
     print(f"# d={args.d} V={args.v} {args.dtype}, weight {wbytes / 1e6:.1f} MB, copy bandwidth {copy_gbs:.1f} GB/s")
     print("| N | provider | median ms | GB/s | % of copy | speedup vs eager |")
     print("|---|---|---|---|---|---|")

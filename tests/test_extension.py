@@ -119,6 +119,18 @@ def test_cpu_chunks_and_row_blocks(dtype, n, d, v):
 
 
 @needs_ext
+def test_cpu_weight_that_requires_grad():
+    """An nn.Parameter head (requires_grad=True, grad mode on) runs like a plain tensor."""
+    for dtype in (torch.float32, torch.bfloat16):
+        head = torch.nn.Linear(40, 12000, bias=False).to(dtype)
+        # > 8 rows take the BLAS path (its out= call rejects tensors needing grad); 3 vocabulary chunks
+        # run on the worker threads of at::parallel_for, not only on the calling thread.
+        hidden = torch.randn(12, 40).to(dtype)
+        res = exit_check(hidden, head.weight, 0.1, backend="cpu")
+        assert_matches_reference(res, hidden, head.weight.detach(), torch.full((12,), 0.1))
+
+
+@needs_ext
 def test_cpu_ties_across_chunks_pick_lowest_index():
     d, v = 8, 20000  # chunk boundaries at multiples of a few hundred columns
     hidden = torch.ones(3, d)

@@ -3,12 +3,7 @@
 
 #include <cstring>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-// One clone per ISA level, picked by the loader (ifunc) on the running CPU.
-#define EE_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define EE_MULTIVERSION
-#endif
+#include "cpu/multiversion.h"
 
 namespace earlyexit {
 namespace cpu {

@@ -1,21 +1,24 @@
 // CPU fused exit check: RMSNorm prologue, head GEMM on cache-sized vocabulary chunks, statistics fused
 // on each chunk while it is hot, fixed-order merge.
 //
-// Work is split into tasks (row block x vocabulary chunk) run by at::parallel_for. Each task calls the
-// optimized single-threaded GEMM (MKL/oneDNN through at::mm_out; inside a parallel region it runs on the
-// calling thread) into a per-thread [rows, chunk] float32 buffer of ~256 KiB that stays in L2, then reduces
-// each row of it to RowStats (chunk_stats.cpp). Bytes moved from memory per call: V*d*elt for the weight
+// Work is split into tasks (row block x vocabulary chunk) run by at::parallel_for. Each task computes the
+// chunk's logits into a per-thread [rows, chunk] float32 buffer of ~256 KiB that stays in L2 (row_dots.cpp
+// for up to 8 rows, where the GEMM is memory-bound; above that the optimized BLAS GEMM through at::mm_out,
+// which inside a parallel region runs on the calling thread), then reduces each row of it to RowStats
+// (chunk_stats.cpp). Bytes moved from memory per call: V*d*elt for the weight
 // (read once per row block; one row block up to kRowBlock rows), N*d*4 for the normalized rows; the
 // logits never leave the cache. Extra memory: per thread rows*chunk floats (+ chunk*d floats to upcast a
 // bf16/fp16 weight chunk), plus N * n_chunks RowStats for the partials.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/GradMode.h>
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
 #include "cpu/chunk_stats.h"
+#include "cpu/row_dots.h"
 #include "exit_check.h"
 #include "exit_check_stats.h"
 
@@ -83,6 +86,10 @@ void exit_check_cpu(const ExitArgs& a, const ExitOutputs& out) {
 
   // Tasks in chunk-major order: consecutive tasks share a weight chunk across row blocks.
   at::parallel_for(0, row_blocks * chunks, 1, [&](int64_t begin, int64_t end) {
+    // The ATen calls below (mm_out, copy_) are kernel internals: a weight that requires grad (an
+    // nn.Parameter) must not make them record history or reject out=. Grad mode is thread-local and
+    // at::parallel_for does not carry it to its worker threads, so the guard is set here, per thread.
+    const c10::NoGradGuard no_grad;
     at::Tensor zbuf = at::empty({rows * cols}, x.options());
     at::Tensor wbuf = upcast ? at::empty({cols, d}, x.options()) : at::Tensor();
     at::Tensor bbuf = (a.bias && !bias_f32) ? at::empty({cols}, x.options()) : at::Tensor();
@@ -93,7 +100,12 @@ void exit_check_cpu(const ExitArgs& a, const ExitOutputs& out) {
       at::Tensor w = a.weight.narrow(0, v0, nc);
       if (upcast) w = wbuf.narrow(0, 0, nc).copy_(w);  // exact: bf16/fp16 -> fp32, so the GEMM accumulates in fp32
       at::Tensor z = zbuf.narrow(0, 0, nr * nc).view({nr, nc});
-      at::mm_out(z, x.narrow(0, r0, nr), w.t());
+      if (nr <= cpu::kRowDotsMaxRows) {
+        cpu::row_dots(x.const_data_ptr<float>() + r0 * d, nr, d, w.const_data_ptr<float>(), w.stride(0), nc,
+                      z.mutable_data_ptr<float>());
+      } else {
+        at::mm_out(z, x.narrow(0, r0, nr), w.t());
+      }
       const float* b = nullptr;
       if (a.bias) b = bias_f32 ? a.bias->const_data_ptr<float>() + v0
                                : bbuf.narrow(0, 0, nc).copy_(a.bias->narrow(0, v0, nc)).const_data_ptr<float>();

@@ -2,6 +2,7 @@
 // the per-stream merge counters, and the cuBLAS vocabulary-chunk loop for larger N.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/core/GradMode.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
@@ -200,6 +201,9 @@ void launch_chunked(const cuda::Params<T>& p, const ExitArgs& a, cudaStream_t st
 }  // namespace
 
 void exit_check_cuda(const ExitArgs& a, const ExitOutputs& out) {
+  // The ATen calls inside (mm_out, copy_) are kernel internals: a weight that requires grad (an
+  // nn.Parameter) must not make them record autograd history or reject out= arguments.
+  const c10::NoGradGuard no_grad;
   const int64_t n = a.hidden.size(0);
   if (n == 0) return;
   TORCH_CHECK(n <= INT32_MAX && a.hidden.size(1) <= INT32_MAX,

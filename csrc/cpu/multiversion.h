@@ -1,0 +1,9 @@
+// EE_MULTIVERSION: compile a hot CPU function once per x86-64 ISA level (AVX-512, AVX2, baseline) and let
+// the loader pick the clone for the running CPU (GCC target_clones / ifunc). Elsewhere: one plain build.
+#pragma once
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define EE_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define EE_MULTIVERSION
+#endif
