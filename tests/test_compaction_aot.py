@@ -1,23 +1,16 @@
 """The Triton compaction kernels compile for real GPUs (sm_80, sm_90) here, and move wide rows with
 16-byte loads and stores: what the interpreter lane cannot check."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 pytest.importorskip("triton")
 
+from aot_runner import run_aot_script  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def compiled():
-    script = os.path.join(os.path.dirname(__file__), "compaction_aot.py")
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    proc = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return run_aot_script("compaction_aot.py")
 
 
 def test_every_kernel_compiles_for_both_archs(compiled):
