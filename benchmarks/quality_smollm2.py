@@ -17,7 +17,7 @@ import time
 import torch
 
 from earlyexit import EarlyExitLM, ExitAdapters, train_exit_adapters
-from earlyexit.calibrate import choose_thresholds, exit_scores_from_states, report_for
+from earlyexit.calibrate import choose_thresholds, exit_scores_by_measure, report_for
 from earlyexit.hf.smollm2 import load_smollm2
 from earlyexit.teacher_forcing import collect_states
 from earlyexit.text_data import builtin_corpus, token_windows
@@ -37,10 +37,11 @@ def curves(model, heads_by_name, calib, held):
     """Rows of (head, measure, target, calibration/held-out agreement and mean layers)."""
     rows = []
     for head_name, heads in heads_by_name.items():
+        eem = EarlyExitLM(model, EXIT_LAYERS, heads=heads)
+        cal_by_measure = exit_scores_by_measure(eem, *calib, MEASURES)
+        held_by_measure = exit_scores_by_measure(eem, *held, MEASURES)
         for measure in MEASURES:
-            eem = EarlyExitLM(model, EXIT_LAYERS, measure=measure, heads=heads)
-            cal_scores = exit_scores_from_states(eem, *calib)
-            held_scores = exit_scores_from_states(eem, *held)
+            cal_scores, held_scores = cal_by_measure[measure], held_by_measure[measure]
             per_layer = held_scores.correct.float().mean(1).tolist()
             for target in TARGETS:
                 thr = choose_thresholds(cal_scores, target)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from earlyexit.ops import exit_check
+from earlyexit.reference import MEASURES
 from earlyexit.teacher_forcing import collect_states
 from earlyexit.text_data import token_windows
 
@@ -84,11 +85,20 @@ def exit_scores(eem, data, *, tokenizer=None, seq_len=128, max_tokens=8192, prog
     return exit_scores_from_states(eem, states, final)
 
 
-@torch.no_grad()
 def exit_scores_from_states(eem, states, final, chunk=4096):
     """:func:`exit_scores` on states already collected (see :func:`earlyexit.teacher_forcing.collect_states`).
 
     Every exit layer of ``eem`` must be a key of ``states``; ``final`` [T, d] is the lm_head input.
+    """
+    return exit_scores_by_measure(eem, states, final, (eem.measure,), chunk)[eem.measure]
+
+
+@torch.no_grad()
+def exit_scores_by_measure(eem, states, final, measures=MEASURES, chunk=4096):
+    """{measure: ExitScores} for several measures from one exit check per position and exit layer.
+
+    The fused exit check returns max_prob, margin and entropy together, so sweeping the measures
+    costs one pass over the head, not one per measure.
     """
     head = eem.adapter.exit_head
     dtype, device = head["weight"].dtype, head["weight"].device
@@ -98,19 +108,24 @@ def exit_scores_from_states(eem, states, final, chunk=4096):
             for i in range(0, final.shape[0], chunk)
         ]
     )
-    scores, correct = [], []
+    scores = {m: [] for m in measures}
+    correct = []
     for k, adapter in zip(eem.exit_layers, eem.heads):
-        conf, tok = [], []
+        stats = {m: [] for m in measures}
+        tok = []
         for i in range(0, final.shape[0], chunk):
             h = states[k][i : i + chunk].to(device, dtype)
             if adapter is not None:
                 h = adapter(h)
-            r = exit_check(h, threshold=0.0, measure=eem.measure, **head)
-            conf.append(r.confidence.cpu())
+            r = exit_check(h, threshold=0.0, **head)
+            for m in measures:
+                stats[m].append(getattr(r, m).cpu())
             tok.append(r.token.cpu())
-        scores.append(_to_score(torch.cat(conf), eem.measure))
+        for m in measures:
+            scores[m].append(_to_score(torch.cat(stats[m]), m))
         correct.append(torch.cat(tok) == full)
-    return ExitScores(torch.stack(scores), torch.stack(correct), list(eem.exit_layers), eem.num_layers, eem.measure)
+    correct = torch.stack(correct)
+    return {m: ExitScores(torch.stack(scores[m]), correct, list(eem.exit_layers), eem.num_layers, m) for m in measures}
 
 
 def simulate(scores, thresholds):

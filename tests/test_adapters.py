@@ -154,3 +154,14 @@ def test_calibrated_folder_round_trips(model, tmp_path):
     assert loaded.exit_layers == tuple(EXITS)
     assert policy["thresholds"] == report.thresholds and policy["measure"] == "margin"
     assert policy["exit_layers"] == EXITS
+
+
+def test_one_pass_scores_every_measure(model):
+    from earlyexit.calibrate import exit_scores_by_measure, exit_scores_from_states
+
+    states, final = collect_states(model, EXITS, token_windows(_ids(256, 8), 32))
+    together = exit_scores_by_measure(EarlyExitLM(model, EXITS), states, final)
+    for measure in ("max_prob", "margin", "entropy"):
+        alone = exit_scores_from_states(EarlyExitLM(model, EXITS, measure=measure), states, final)
+        assert torch.equal(together[measure].scores, alone.scores)
+        assert torch.equal(together[measure].correct, alone.correct) and together[measure].measure == measure
