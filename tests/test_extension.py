@@ -202,12 +202,47 @@ def test_cuda_matches_reference(dtype, n, d, v):
 
 @pytest.mark.gpu
 @cuda_ready
-@pytest.mark.parametrize("n", [2, 100])
-def test_cuda_hostile_rows_ties_and_determinism(n):
-    d, v = 16, 20000
-    hidden = torch.ones(n, d, device="cuda")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize(
+    "n,d,v",
+    [
+        (1, 4096, 32000),  # 8 token columns, hidden resident in shared memory
+        (9, 4096, 5003),  # 16 columns, V not a multiple of the 32-row warp tile
+        (17, 4104, 32000),  # 32 columns, K chunks with a partial last chunk and a partial 64-wide step
+        (33, 2048, 32001),  # 64 columns, K chunks
+        (64, 576, 49152),  # SmolLM2's head, resident
+        (64, 8, 100),  # d smaller than one K step, fewer tiles than SMs
+    ],
+)
+def test_cuda_tensor_core_decode(dtype, n, d, v):
+    """The mma.sync decode kernel (fp16/bf16, aligned rows): every token-tile width, resident and K-chunked
+    hidden rows, partial tiles; a hidden view with a padded row stride keeps the 16-byte path."""
+    hidden = (torch.randn(n, d + 8, device="cuda") * 2).to(dtype)[:, :d]
+    weight = (torch.randn(v, d, device="cuda") / math.sqrt(d) * 4).to(dtype)
+    norm_weight = torch.rand(d, device="cuda") + 0.5
+    bias = torch.randn(v, device="cuda").to(dtype)
+    bias[::7] = -math.inf
+    thr = torch.rand(n, device="cuda")
+    for measure in ("max_prob", "entropy"):
+        res = exit_check(hidden, weight, thr, measure=measure, norm_weight=norm_weight, bias=bias, backend="cuda")
+        assert_matches_reference(res, hidden, weight, thr, norm_weight, bias, measure)
+    res = exit_check(hidden, weight, thr, temperature=0.7, backend="cuda")  # no norm: rows staged as they are
+    assert_matches_reference(res, hidden, weight, thr, temp=0.7)
+    # A misaligned view (first column dropped) takes the FMA kernel: same answers.
+    res = exit_check(hidden[:, 1:], weight[:, 1:], thr, norm_weight=norm_weight[1:], backend="cuda")
+    assert_matches_reference(res, hidden[:, 1:], weight[:, 1:], thr, norm_weight[1:])
+
+
+@pytest.mark.gpu
+@cuda_ready
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("n", [2, 64, 100])
+def test_cuda_hostile_rows_ties_and_determinism(n, dtype):
+    """FMA decode (fp32), tensor-core decode (fp16/bf16, N <= 64) and the chunked path (N > 64)."""
+    d, v = 64, 20000
+    hidden = torch.ones(n, d, device="cuda", dtype=dtype)
     hidden[1, 0] = math.nan
-    weight = torch.zeros(v, d, device="cuda")
+    weight = torch.zeros(v, d, device="cuda", dtype=dtype)
     weight[[7001, 123, 19999]] = 1.0  # ties spread over slices: the lowest index wins
     res = exit_check(hidden, weight, 0.0, backend="cuda")
     assert res.token[1].item() == -1 and not res.exit[1].item() and res.lse[1].isnan()

@@ -19,6 +19,7 @@ import sys
 os.environ["TRITON_INTERPRET"] = "0"
 
 import triton  # noqa: E402
+from cuda_tools import cuobjdump  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -104,8 +105,8 @@ def ptx_features(ptx):
 
 def resource_usage(kernel):
     """Registers, stack and spill bytes from cuobjdump on the cubin (None if cuobjdump is missing)."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(tool):
+    tool = cuobjdump()
+    if tool is None:
         return None
     import tempfile
 

@@ -12,6 +12,7 @@
 #include <utility>
 
 #include "cuda/exit_check_kernels.cuh"
+#include "cuda/exit_check_mma.cuh"
 #include "exit_check.h"
 
 namespace earlyexit {
@@ -106,6 +107,20 @@ int* merge_counters(const at::Tensor& like, cudaStream_t stream, int64_t n) {
   return buf.mutable_data_ptr<int>();
 }
 
+// Workspace of the decode kernels' per-(slice, row) partial statistics: O(N * slices), never O(N * V).
+struct PartialsBuffer {
+  at::Tensor f, idx, bad;
+  cuda::Partials view;
+  PartialsBuffer(const at::Tensor& like, int64_t parts)
+      : f(at::empty({5, parts}, like.options().dtype(at::kFloat))),
+        idx(at::empty({parts}, like.options().dtype(at::kLong))),
+        bad(at::empty({parts}, like.options().dtype(at::kInt))) {
+    float* base = f.mutable_data_ptr<float>();
+    view = cuda::Partials{base,         base + parts, base + 2 * parts, base + 3 * parts, base + 4 * parts,
+                          idx.mutable_data_ptr<int64_t>(), bad.mutable_data_ptr<int>()};
+  }
+};
+
 template <typename T, int RG, int VEC>
 void launch_decode_rg(const cuda::Params<T>& p, const at::Tensor& like, cudaStream_t stream) {
   const size_t smem = static_cast<size_t>(RG) * p.d * sizeof(T);
@@ -119,17 +134,10 @@ void launch_decode_rg(const cuda::Params<T>& p, const at::Tensor& like, cudaStre
   int64_t slices = std::max<int64_t>(1, std::min<int64_t>((4 * sms + groups - 1) / groups, p.v / cuda::kWarps));
   const int64_t cols = (p.v + slices - 1) / slices;
   slices = (p.v + cols - 1) / cols;  // no empty slices
-  const int64_t parts = static_cast<int64_t>(groups) * slices * RG;
-  const auto f32 = like.options().dtype(at::kFloat);
-  at::Tensor pf = at::empty({5, parts}, f32);
-  at::Tensor pidx = at::empty({parts}, like.options().dtype(at::kLong));
-  at::Tensor pbad = at::empty({parts}, like.options().dtype(at::kInt));
-  float* base = pf.mutable_data_ptr<float>();
-  const cuda::Partials part{base,         base + parts,   base + 2 * parts, base + 3 * parts, base + 4 * parts,
-                            pidx.mutable_data_ptr<int64_t>(), pbad.mutable_data_ptr<int>()};
+  PartialsBuffer part(like, static_cast<int64_t>(groups) * slices * RG);
   int* counters = merge_counters(like, stream, groups);
   kernel<<<dim3(static_cast<unsigned>(slices), static_cast<unsigned>(groups)), cuda::kThreads, smem, stream>>>(
-      p, part, counters, cols);
+      p, part.view, counters, cols);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -167,6 +175,68 @@ void launch_decode(const cuda::Params<T>& p, const at::Tensor& like, cudaStream_
       break;
     default:
       go(std::integral_constant<int, 8>{});
+  }
+}
+
+// Tensor-core decode path (exit_check_mma.cuh): fp16/bf16 on sm_80+, with 16-byte aligned rows.
+bool mma_eligible(const ExitArgs& a) {
+  const auto dt = a.hidden.scalar_type();
+  if (dt != at::kHalf && dt != at::kBFloat16) return false;
+  if (at::cuda::getCurrentDeviceProperties()->major < 8) return false;
+  const auto aligned = [](const at::Tensor& t) {
+    return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0 && t.stride(0) % 8 == 0;
+  };
+  return a.hidden.size(1) % 8 == 0 && aligned(a.hidden) && aligned(a.weight);
+}
+
+// NT: token tiles of 8 (the smallest power of two covering N). MT: m-tiles of 16 vocabulary rows per warp
+// tile; 2 while the accumulators are small, so each warp keeps 4 KB of weight loads in flight (the
+// register budget is 128 per thread at 512 threads). The hidden rows stay resident in shared memory when
+// they fit, else they are staged in K chunks of kc columns, once per round of kMmaWarps warp tiles.
+template <typename T, int NT, int MT>
+void launch_decode_mma_nt(const cuda::Params<T>& p, const at::Tensor& like, cudaStream_t stream) {
+  constexpr int NP = 8 * NT;
+  auto kernel = cuda::decode_mma_kernel<T, NT, MT>;
+  const auto* props = at::cuda::getCurrentDeviceProperties();
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  const int64_t budget =
+      static_cast<int64_t>(props->sharedMemPerBlockOptin) - static_cast<int64_t>(attr.sharedSizeBytes);
+  const int64_t d_padded = (p.d + cuda::kMmaK - 1) / cuda::kMmaK * cuda::kMmaK;
+  // Row stride ks = kc + 8 elements: 16 bytes past a multiple of 128, so the 8 lanes of a 16-byte shared
+  // load phase (2 rows x 4 quads) hit distinct banks.
+  int64_t kc = d_padded;
+  if (NP * (kc + 8) * static_cast<int64_t>(sizeof(T)) > budget) {
+    kc = (budget / (NP * static_cast<int64_t>(sizeof(T))) - 8) / cuda::kMmaK * cuda::kMmaK;
+  }
+  TORCH_CHECK(kc >= cuda::kMmaK, "earlyexit_C::exit_check (cuda): not enough shared memory for the decode kernel");
+  const int64_t ks = kc + 8;
+  constexpr int64_t kStats = sizeof(RowStats);
+  const size_t smem = static_cast<size_t>(std::max<int64_t>(
+      {NP * ks * static_cast<int64_t>(sizeof(T)), int64_t{cuda::kMmaWarps} * NP * kStats, cuda::kMmaThreads * kStats}));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  // One block per SM (512 threads, up to 128 registers each); contiguous runs of warp tiles per block.
+  const int64_t tiles = (p.v + 16 * MT - 1) / (16 * MT);
+  const int64_t per_slice = (tiles + props->multiProcessorCount - 1) / props->multiProcessorCount;
+  const int64_t slices = (tiles + per_slice - 1) / per_slice;
+  TORCH_CHECK(per_slice <= INT32_MAX, "earlyexit_C::exit_check (cuda): V is too large");
+  PartialsBuffer part(like, slices * NP);
+  int* counters = merge_counters(like, stream, 1);
+  kernel<<<static_cast<unsigned>(slices), cuda::kMmaThreads, smem, stream>>>(
+      p, part.view, counters, static_cast<int>(per_slice), static_cast<int>(kc), static_cast<int>(ks));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void launch_decode_mma(const cuda::Params<T>& p, const at::Tensor& like, cudaStream_t stream) {
+  if (p.n <= 8) {
+    launch_decode_mma_nt<T, 1, 2>(p, like, stream);
+  } else if (p.n <= 16) {
+    launch_decode_mma_nt<T, 2, 2>(p, like, stream);
+  } else if (p.n <= 32) {
+    launch_decode_mma_nt<T, 4, 1>(p, like, stream);
+  } else {
+    launch_decode_mma_nt<T, 8, 1>(p, like, stream);
   }
 }
 
@@ -214,7 +284,13 @@ void exit_check_cuda(const ExitArgs& a, const ExitOutputs& out) {
     using T = typename DeviceType<scalar_t>::type;
     const cuda::Params<T> p = make_params<T>(a, out);
     if (n <= cuda::kDecodeMaxRows) {
-      launch_decode<T>(p, a.hidden, stream);
+      if constexpr (std::is_same_v<T, float>) {
+        launch_decode<T>(p, a.hidden, stream);
+      } else if (mma_eligible(a)) {
+        launch_decode_mma<T>(p, a.hidden, stream);
+      } else {
+        launch_decode<T>(p, a.hidden, stream);
+      }
     } else {
       launch_chunked<T>(p, a, stream);
     }

@@ -1,6 +1,8 @@
 // CUDA kernels of the fused exit check on raw pointers (no torch includes). Launchers: exit_check_cuda.cu.
 //
-// decode_kernel (N <= kDecodeMaxRows): one launch. Grid (vocabulary slices, row groups of RG rows).
+// decode_kernel (N <= kDecodeMaxRows; float32, rows not 16-byte aligned, or GPUs before sm_80; the
+//   fp16/bf16 tensor-core decode kernel is exit_check_mma.cuh): one launch. Grid (vocabulary slices,
+//   row groups of RG rows).
 //   Each block keeps its RG normalized hidden rows in shared memory (rounded to the weight dtype, the
 //   exact MMA-operand semantics of the reference) and streams its slice of the head weight with 16-byte
 //   coalesced loads: one warp per vocabulary row, 32 lanes x 16 B = 512 contiguous bytes per step.
@@ -151,6 +153,60 @@ __device__ __forceinline__ void tree_merge(RowStats* red, int base, int j, int w
   __syncthreads();
 }
 
+// The end of a decode kernel: thread r < nrows holds `mine`, its block's statistics of row row0 + r over
+// this block's vocabulary slice (blockIdx.x). Publishes them, and the last block of the row group to finish
+// (atomic counter after a fence) merges every slice's partial in a fixed order and writes the outputs,
+// then resets its counter for the next call. red: kBlock RowStats of shared memory, free for reuse.
+template <typename T, int RG, int kBlock>
+__device__ void finish_group(const Params<T>& p, const Partials& part, int* counters, RowStats* red,
+                             const RowStats& mine, int group, int nrows, const bool* row_finite) {
+  static_assert(kBlock % RG == 0 && ((kBlock / RG) & (kBlock / RG - 1)) == 0, "kBlock / RG: a power of two");
+  __shared__ bool is_last;
+  const int slice = blockIdx.x, n_slices = gridDim.x;
+  const int64_t row0 = static_cast<int64_t>(group) * RG;
+  if (threadIdx.x < nrows) {
+    const int64_t slot = (static_cast<int64_t>(group) * n_slices + slice) * RG + threadIdx.x;
+    part.m[slot] = mine.m;
+    part.s[slot] = mine.s;
+    part.t[slot] = mine.t;
+    part.top1[slot] = mine.top1;
+    part.top2[slot] = mine.top2;
+    part.idx[slot] = mine.idx;
+    part.bad[slot] = mine.bad;
+  }
+  // Release: the partials are visible device-wide before the counter says so.
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) is_last = atomicAdd(&counters[group], 1) == n_slices - 1;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();  // acquire side of the pattern
+
+  // Last block: kBlock / RG threads per row each merge a fixed, strided set of slices, then a fixed
+  // tree merges those; .cg loads read L2, where the other blocks' stores landed.
+  constexpr int kPerRow = kBlock / RG;
+  const int r = threadIdx.x / kPerRow, j = threadIdx.x % kPerRow;
+  RowStats a = empty_stats();
+  if (r < nrows) {
+    for (int s = j; s < n_slices; s += kPerRow) {
+      const int64_t slot = (static_cast<int64_t>(group) * n_slices + s) * RG + r;
+      RowStats b;
+      b.m = __ldcg(part.m + slot);
+      b.s = __ldcg(part.s + slot);
+      b.t = __ldcg(part.t + slot);
+      b.top1 = __ldcg(part.top1 + slot);
+      b.top2 = __ldcg(part.top2 + slot);
+      b.idx = __ldcg(reinterpret_cast<const long long*>(part.idx) + slot);
+      b.bad = __ldcg(part.bad + slot) != 0;
+      merge_stats(a, b);
+    }
+  }
+  red[threadIdx.x] = a;  // callers last read red before the counter's __syncthreads
+  tree_merge(red, r * kPerRow, j, kPerRow);
+  if (j == 0 && r < nrows) write_result(p, row0 + r, red[r * kPerRow], row_finite[r]);
+  if (threadIdx.x == 0) counters[group] = 0;  // ready for the next call on this stream
+}
+
 template <typename T, int RG, int VEC>
 __global__ void __launch_bounds__(kThreads)
     decode_kernel(Params<T> p, Partials part, int* __restrict__ counters, int64_t cols_per_slice) {
@@ -158,9 +214,8 @@ __global__ void __launch_bounds__(kThreads)
   T* xs = reinterpret_cast<T*>(smem_raw);  // [RG][d], the normalized rows of this group
   __shared__ RowStats red[kThreads];       // warp partials, then the last block's merge tree
   __shared__ bool row_finite[RG];
-  __shared__ bool is_last;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int slice = blockIdx.x, n_slices = gridDim.x, group = blockIdx.y;
+  const int slice = blockIdx.x, group = blockIdx.y;
   const int64_t row0 = static_cast<int64_t>(group) * RG;
   const int nrows = static_cast<int>(p.n - row0 < RG ? p.n - row0 : RG);
   const int d = p.d;
@@ -211,50 +266,12 @@ __global__ void __launch_bounds__(kThreads)
   // Block partial: warps merged in order 0..kWarps-1 by thread r, published for row r of this slice.
   if (lane < RG) red[warp * RG + lane] = st;
   __syncthreads();
+  RowStats b = empty_stats();
   if (threadIdx.x < nrows) {
-    const int r = threadIdx.x;
-    RowStats b = red[r];
-    for (int w = 1; w < kWarps; ++w) merge_stats(b, red[w * RG + r]);
-    const int64_t slot = (static_cast<int64_t>(group) * n_slices + slice) * RG + r;
-    part.m[slot] = b.m;
-    part.s[slot] = b.s;
-    part.t[slot] = b.t;
-    part.top1[slot] = b.top1;
-    part.top2[slot] = b.top2;
-    part.idx[slot] = b.idx;
-    part.bad[slot] = b.bad;
+    b = red[threadIdx.x];
+    for (int w = 1; w < kWarps; ++w) merge_stats(b, red[w * RG + threadIdx.x]);
   }
-  // Release: the partials are visible device-wide before the counter says so.
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) is_last = atomicAdd(&counters[group], 1) == n_slices - 1;
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();  // acquire side of the pattern
-
-  // Last block: kThreads / RG threads per row each merge a fixed, strided set of slices, then a fixed
-  // tree merges those; .cg loads read L2, where the other blocks' stores landed.
-  constexpr int kPerRow = kThreads / RG;
-  const int r = threadIdx.x / kPerRow, j = threadIdx.x % kPerRow;
-  RowStats a = empty_stats();
-  if (r < nrows) {
-    for (int s = j; s < n_slices; s += kPerRow) {
-      const int64_t slot = (static_cast<int64_t>(group) * n_slices + s) * RG + r;
-      RowStats b;
-      b.m = __ldcg(part.m + slot);
-      b.s = __ldcg(part.s + slot);
-      b.t = __ldcg(part.t + slot);
-      b.top1 = __ldcg(part.top1 + slot);
-      b.top2 = __ldcg(part.top2 + slot);
-      b.idx = __ldcg(reinterpret_cast<const long long*>(part.idx) + slot);
-      b.bad = __ldcg(part.bad + slot) != 0;
-      merge_stats(a, b);
-    }
-  }
-  red[threadIdx.x] = a;  // the warp partials in red were last read before the counter's __syncthreads
-  tree_merge(red, r * kPerRow, j, kPerRow);
-  if (j == 0 && r < nrows) write_result(p, row0 + r, red[r * kPerRow], row_finite[r]);
-  if (threadIdx.x == 0) counters[group] = 0;  // ready for the next call on this stream
+  finish_group<T, RG, kThreads>(p, part, counters, red, b, group, nrows, row_finite);
 }
 
 // Larger N, step 1: one warp per row writes the normalized row (dtype T) and its finiteness.
