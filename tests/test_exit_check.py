@@ -253,6 +253,29 @@ def test_torch_compile_fullgraph():
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("n", [1, 64, 100])
+def test_cuda_graph_capture_and_replay(backend, n):
+    """Decode-time calls are captured in CUDA graphs: no host sync, no allocation or attribute call that
+    capture forbids, and the merge counters stay consistent across replays."""
+    if earlyexit.backends.unavailable_reason(backend, "cuda"):
+        pytest.skip(earlyexit.backends.unavailable_reason(backend, "cuda"))
+    hidden, weight, norm_weight, b = make_inputs(n, 256, 5000, torch.bfloat16, "cuda")
+    thr = torch.full((n,), 0.01, device="cuda")
+    exit_check(hidden, weight, thr, norm_weight=norm_weight, bias=b, backend=backend)  # warm up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        res = exit_check(hidden, weight, thr, norm_weight=norm_weight, bias=b, backend=backend)
+    for _ in range(3):
+        hidden.normal_()
+        graph.replay()
+        want = exit_check(hidden, weight, thr, norm_weight=norm_weight, bias=b, backend=backend)
+        for got_field, want_field in zip(res, want):
+            assert torch.equal(got_field.nan_to_num(), want_field.nan_to_num())
+
+
 def test_errors_name_the_argument():
     h, w, g, b = make_inputs(3, 8, 11, torch.float32, "cpu")
     cases = [

@@ -228,7 +228,14 @@ def _sm_count(device):
 
 
 def _counter(device, n):
-    """A zeroed int32 buffer of >= n counters for this (device, stream); the kernel re-zeroes it."""
+    """A zeroed int32 buffer of >= n counters for this (device, stream); the kernel re-zeroes it.
+
+    Under CUDA-graph capture each call gets its own buffer, zeroed by a captured fill: a shared one would
+    be zeroed only by the first graph captured (graphs share torch's capture stream and may replay in any
+    order, even concurrently on several streams).
+    """
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(n, dtype=torch.int32, device=device)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (str(device), stream)
     buf = _COUNTERS.get(key)

@@ -95,16 +95,49 @@ cuda::Params<T> make_params(const ExitArgs& a, const ExitOutputs& o) {
   return p;
 }
 
-// Zeroed int32 merge counters for this (device, stream), at least n of them. The decode kernel resets
-// each counter it uses, so the buffer is zeroed once when allocated, never per call (no memset launch).
-// Intentionally never freed: it lives as long as the process, like the stream.
-int* merge_counters(const at::Tensor& like, cudaStream_t stream, int64_t n) {
+// Zeroed int32 merge counters, at least n of them. The decode kernels reset each counter they use, so
+// eager calls share one buffer per (device, stream), zeroed once when allocated and never per call (no
+// memset launch); it is intentionally never freed, it lives as long as the stream. Under CUDA-graph
+// capture each call gets its own buffer, zeroed by a captured fill: a shared one would be zeroed only
+// by the first graph captured (graphs share torch's capture stream and replay in any order, even
+// concurrently). The caller keeps the returned tensor alive until the kernel is launched.
+at::Tensor merge_counters(const at::Tensor& like, cudaStream_t stream, int64_t n) {
+  const auto options = like.options().dtype(at::kInt);
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return at::zeros({n}, options);
   static std::mutex mu;
   static auto* cache = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();
   std::lock_guard<std::mutex> lock(mu);
   at::Tensor& buf = (*cache)[{like.get_device(), stream}];
-  if (!buf.defined() || buf.numel() < n) buf = at::zeros({std::max<int64_t>(n, 64)}, like.options().dtype(at::kInt));
-  return buf.mutable_data_ptr<int>();
+  if (!buf.defined() || buf.numel() < n) buf = at::zeros({std::max<int64_t>(n, 64)}, options);
+  return buf;
+}
+
+// What the launchers need to know of a kernel on the current device, cached per (kernel, device).
+struct KernelInfo {
+  size_t smem_limit;  // dynamic shared memory it may use: the opt-in limit less its static arrays
+  int ptx_version;    // virtual architecture it was compiled from (75 = compute_75 PTX, JIT-compiled or not)
+};
+
+// On the first call per (kernel, device) it also opts the kernel into smem_limit bytes, so later calls (a
+// CUDA-graph capture among them) make no attribute calls.
+KernelInfo kernel_info(const void* kernel) {
+  static std::mutex mu;
+  static auto* cache = new std::map<std::pair<const void*, int>, KernelInfo>();
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_pair(kernel, device);
+  if (auto it = cache->find(key); it != cache->end()) return it->second;
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  const KernelInfo info{at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin - attr.sharedSizeBytes,
+                        attr.ptxVersion};
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(info.smem_limit)));
+  cache->emplace(key, info);
+  return info;
 }
 
 // Workspace of the decode kernels' per-(slice, row) partial statistics: O(N * slices), never O(N * V).
@@ -125,9 +158,8 @@ template <typename T, int RG, int VEC>
 void launch_decode_rg(const cuda::Params<T>& p, const at::Tensor& like, cudaStream_t stream) {
   const size_t smem = static_cast<size_t>(RG) * p.d * sizeof(T);
   auto kernel = cuda::decode_kernel<T, RG, VEC>;
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  }
+  TORCH_CHECK(smem <= kernel_info(reinterpret_cast<const void*>(kernel)).smem_limit,
+              "earlyexit_C::exit_check (cuda): decode kernel shared memory exceeds the device limit");
   const int groups = (p.n + RG - 1) / RG;
   // Enough blocks to fill every SM a few times over, but at least kWarps columns per slice.
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -135,9 +167,9 @@ void launch_decode_rg(const cuda::Params<T>& p, const at::Tensor& like, cudaStre
   const int64_t cols = (p.v + slices - 1) / slices;
   slices = (p.v + cols - 1) / cols;  // no empty slices
   PartialsBuffer part(like, static_cast<int64_t>(groups) * slices * RG);
-  int* counters = merge_counters(like, stream, groups);
+  const at::Tensor counters = merge_counters(like, stream, groups);
   kernel<<<dim3(static_cast<unsigned>(slices), static_cast<unsigned>(groups)), cuda::kThreads, smem, stream>>>(
-      p, part.view, counters, cols);
+      p, part.view, counters.data_ptr<int>(), cols);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -178,11 +210,12 @@ void launch_decode(const cuda::Params<T>& p, const at::Tensor& like, cudaStream_
   }
 }
 
-// Tensor-core decode path (exit_check_mma.cuh): fp16/bf16 on sm_80+, with 16-byte aligned rows.
+// Tensor-core decode path (exit_check_mma.cuh): fp16/bf16 with 16-byte aligned rows, on a device and a
+// build with sm_80+ code (built from compute_75 PTX only, the kernel would trap: use the FMA kernel).
+template <typename T>
 bool mma_eligible(const ExitArgs& a) {
-  const auto dt = a.hidden.scalar_type();
-  if (dt != at::kHalf && dt != at::kBFloat16) return false;
   if (at::cuda::getCurrentDeviceProperties()->major < 8) return false;
+  if (kernel_info(reinterpret_cast<const void*>(cuda::decode_mma_kernel<T, 1, 2>)).ptx_version < 80) return false;
   const auto aligned = [](const at::Tensor& t) {
     return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0 && t.stride(0) % 8 == 0;
   };
@@ -198,32 +231,28 @@ void launch_decode_mma_nt(const cuda::Params<T>& p, const at::Tensor& like, cuda
   constexpr int NP = 8 * NT;
   auto kernel = cuda::decode_mma_kernel<T, NT, MT>;
   const auto* props = at::cuda::getCurrentDeviceProperties();
-  cudaFuncAttributes attr;
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-  const int64_t budget =
-      static_cast<int64_t>(props->sharedMemPerBlockOptin) - static_cast<int64_t>(attr.sharedSizeBytes);
+  const int64_t budget = static_cast<int64_t>(kernel_info(reinterpret_cast<const void*>(kernel)).smem_limit);
   const int64_t d_padded = (p.d + cuda::kMmaK - 1) / cuda::kMmaK * cuda::kMmaK;
-  // Row stride ks = kc + 8 elements: 16 bytes past a multiple of 128, so the 8 lanes of a 16-byte shared
-  // load phase (2 rows x 4 quads) hit distinct banks.
+  // Row stride ks = kc + 32 elements: 64 bytes past a multiple of 128, so the 8 lanes of a 16-byte shared
+  // load phase (2 rows x 4 quads, 64 contiguous bytes per row) hit distinct banks.
   int64_t kc = d_padded;
-  if (NP * (kc + 8) * static_cast<int64_t>(sizeof(T)) > budget) {
-    kc = (budget / (NP * static_cast<int64_t>(sizeof(T))) - 8) / cuda::kMmaK * cuda::kMmaK;
+  if (NP * (kc + 32) * static_cast<int64_t>(sizeof(T)) > budget) {
+    kc = (budget / (NP * static_cast<int64_t>(sizeof(T))) - 32) / cuda::kMmaK * cuda::kMmaK;
   }
   TORCH_CHECK(kc >= cuda::kMmaK, "earlyexit_C::exit_check (cuda): not enough shared memory for the decode kernel");
-  const int64_t ks = kc + 8;
+  const int64_t ks = kc + 32;
   constexpr int64_t kStats = sizeof(RowStats);
   const size_t smem = static_cast<size_t>(std::max<int64_t>(
       {NP * ks * static_cast<int64_t>(sizeof(T)), int64_t{cuda::kMmaWarps} * NP * kStats, cuda::kMmaThreads * kStats}));
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   // One block per SM (512 threads, up to 128 registers each); contiguous runs of warp tiles per block.
   const int64_t tiles = (p.v + 16 * MT - 1) / (16 * MT);
   const int64_t per_slice = (tiles + props->multiProcessorCount - 1) / props->multiProcessorCount;
   const int64_t slices = (tiles + per_slice - 1) / per_slice;
   TORCH_CHECK(per_slice <= INT32_MAX, "earlyexit_C::exit_check (cuda): V is too large");
   PartialsBuffer part(like, slices * NP);
-  int* counters = merge_counters(like, stream, 1);
+  const at::Tensor counters = merge_counters(like, stream, 1);
   kernel<<<static_cast<unsigned>(slices), cuda::kMmaThreads, smem, stream>>>(
-      p, part.view, counters, static_cast<int>(per_slice), static_cast<int>(kc), static_cast<int>(ks));
+      p, part.view, counters.data_ptr<int>(), static_cast<int>(per_slice), static_cast<int>(kc), static_cast<int>(ks));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -286,7 +315,7 @@ void exit_check_cuda(const ExitArgs& a, const ExitOutputs& out) {
     if (n <= cuda::kDecodeMaxRows) {
       if constexpr (std::is_same_v<T, float>) {
         launch_decode<T>(p, a.hidden, stream);
-      } else if (mma_eligible(a)) {
+      } else if (mma_eligible<T>(a)) {
         launch_decode_mma<T>(p, a.hidden, stream);
       } else {
         launch_decode<T>(p, a.hidden, stream);

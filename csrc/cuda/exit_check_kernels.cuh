@@ -3,9 +3,10 @@
 // decode_kernel (N <= kDecodeMaxRows; float32, rows not 16-byte aligned, or GPUs before sm_80; the
 //   fp16/bf16 tensor-core decode kernel is exit_check_mma.cuh): one launch. Grid (vocabulary slices,
 //   row groups of RG rows).
-//   Each block keeps its RG normalized hidden rows in shared memory (rounded to the weight dtype, the
-//   exact MMA-operand semantics of the reference) and streams its slice of the head weight with 16-byte
-//   coalesced loads: one warp per vocabulary row, 32 lanes x 16 B = 512 contiguous bytes per step.
+//   Each block keeps its RG normalized hidden rows in shared memory (rounded to the weight dtype at the
+//   reference's rounding point; 1/sqrtf may differ from torch.rsqrt by an ulp) and streams its slice of
+//   the head weight with 16-byte coalesced loads: one warp per vocabulary row, 32 lanes x 16 B = 512
+//   contiguous bytes per step.
 //   Each warp dots the row with the RG hidden rows (float32 FMA), reduces across lanes with shuffles,
 //   and lane r folds logit r into row r's online statistics. Warps, then slices, are merged in a fixed
 //   order: the last block of a row group to finish (atomic counter after a fence) merges every slice's

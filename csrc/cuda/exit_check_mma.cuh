@@ -9,13 +9,17 @@
 //
 // K permutation: a dot product may sum its K terms in any order, so A and B fragments only have to agree
 // on which physical column a fragment slot holds. In a 64-wide K step, lane quad q (lane % 4) owns the 16
-// physical columns [16q, 16q + 16) of its rows and loads them as two 16-byte vectors (8 words of 2
-// elements). MMA sub-step j (0..3) uses words 2j and 2j+1: fragment slots (a0,a1) / (b0,b1) hold physical
-// columns 16q + 4j + {0,1}, slots (a4,a5) / (b2,b3) hold 16q + 4j + {2,3}. Every physical column is used
-// once, and a quad of lanes reads 64 contiguous bytes of each weight row per step (full 32-byte sectors).
+// physical columns [8q, 8q + 8) and [32 + 8q, 40 + 8q) of its rows, loaded as two 16-byte vectors e = 0, 1
+// (8 words of 2 elements). MMA sub-step j (0..3) uses words 2j and 2j+1: fragment slots (a0,a1) / (b0,b1)
+// hold physical columns 32 (j / 2) + 8q + 4 (j % 2) + {0,1}, slots (a4,a5) / (b2,b3) the next two. Every
+// physical column is used once, and each 16-byte load instruction of a quad reads 64 contiguous bytes of
+// a row: whole 32-byte sectors, no sector fetched twice.
 //
 // Bytes from DRAM: V*d*elt (weight, once) + N*d*elt (hidden rows, then re-read from L2: once per block when
 // they fit in shared memory, once per warp round otherwise) + O(N * blocks) partials.
+//
+// Index maps (which lane holds which row, column and token): mma_layout.h, checked on the host by
+// tests/test_mma_layout.py.
 //
 // Statistics: after a tile, each (token, lane) folds its 2 * MT logits, the 8 lanes of a quad that share a
 // token merge by a butterfly (bitwise the same result on every lane: merge_stats is symmetric), and one lane
@@ -25,13 +29,14 @@
 #include <type_traits>
 
 #include "cuda/exit_check_kernels.cuh"
+#include "cuda/mma_layout.h"
 
 namespace earlyexit {
 namespace cuda {
 
 constexpr int kMmaWarps = 16;
 constexpr int kMmaThreads = kMmaWarps * 32;
-constexpr int kMmaK = 64;  // K step: 16 elements (two 16-byte vectors) per lane of a quad
+constexpr int kMmaK = 64;  // K step: 16 elements (two 16-byte vectors, 32 columns apart) per lane
 
 // 16 bytes at base (16-byte aligned) through the read-only path, or zeros when !ok (nothing is read).
 template <typename T>
@@ -115,12 +120,12 @@ __device__ __forceinline__ void tile_mma(const Params<T>& p, const T* xs, int ks
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int64_t v = rows + 16 * mt + 8 * h + group;
+      const int64_t v = rows + mma_acc_row(mt, h, group);
       row_ok[mt][h] = v < p.v;
-      wrow[mt][h] = p.weight + (row_ok[mt][h] ? v : 0) * p.weight_stride + c0 + 16 * quad;
+      wrow[mt][h] = p.weight + (row_ok[mt][h] ? v : 0) * p.weight_stride + c0;
     }
   }
-  // [mt][h][vector]: the lane's 16 columns of rows (group, group + 8) of m-tile mt, one K step.
+  // [mt][h][e]: vector e of the lane's 16 columns of rows (group, group + 8) of m-tile mt, one K step.
   uint4 a[MT][2][2];
   auto load_step = [&](uint4 (&dst)[MT][2][2], int kk) {
 #pragma unroll
@@ -129,8 +134,8 @@ __device__ __forceinline__ void tile_mma(const Params<T>& p, const T* xs, int ks
       for (int h = 0; h < 2; ++h) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const bool ok = row_ok[mt][h] && c0 + kk + 16 * quad + 8 * e < p.d;
-          dst[mt][h][e] = load_vec(wrow[mt][h] + kk + 8 * e, ok);
+          const int col = kk + mma_vector_col(quad, e);
+          dst[mt][h][e] = load_vec(wrow[mt][h] + col, row_ok[mt][h] && c0 + col < p.d);
         }
       }
     }
@@ -143,17 +148,18 @@ __device__ __forceinline__ void tile_mma(const Params<T>& p, const T* xs, int ks
     }
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      const T* x = xs + (8 * nt + group) * ks + kk + 16 * quad;
-      const uint4 b[2] = {*reinterpret_cast<const uint4*>(x), *reinterpret_cast<const uint4*>(x + 8)};
+      const T* x = xs + (8 * nt + group) * ks + kk;  // B column `group` of token tile nt
+      const uint4 b[2] = {*reinterpret_cast<const uint4*>(x + mma_vector_col(quad, 0)),
+                          *reinterpret_cast<const uint4*>(x + mma_vector_col(quad, 1))};
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const uint32_t b0 = word(b[j / 2], (2 * j) % 4), b1 = word(b[j / 2], (2 * j + 1) % 4);
+        const int v = mma_sub_vector(j), w0 = mma_sub_word(j, 0), w1 = mma_sub_word(j, 1);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-          const uint4& lo = a[mt][0][j / 2];
-          const uint4& hi = a[mt][1][j / 2];
-          mma_16816<T>(acc[mt][nt], word(lo, (2 * j) % 4), word(hi, (2 * j) % 4), word(lo, (2 * j + 1) % 4),
-                       word(hi, (2 * j + 1) % 4), b0, b1);
+          const uint4& lo = a[mt][0][v];  // row group
+          const uint4& hi = a[mt][1][v];  // row group + 8
+          mma_16816<T>(acc[mt][nt], word(lo, w0), word(hi, w0), word(lo, w1), word(hi, w1), word(b[v], w0),
+                       word(b[v], w1));
         }
       }
     }
@@ -168,17 +174,10 @@ __device__ __forceinline__ void tile_mma(const Params<T>& p, const T* xs, int ks
   }
 }
 
-// Number of running RowStats per lane: token (nt, e) (column 8 nt + 2 quad + e) is kept by lane group
-// (2 nt + e) % 8 of its quad, slot (2 nt + e) / 8.
-template <int NT>
-constexpr int stats_slots() {
-  return (2 * NT + 7) / 8;
-}
-
 // Folds a finished warp tile (logits without bias, rows `rows`..) into the running statistics.
 template <typename T, int NT, int MT>
 __device__ __forceinline__ void tile_stats(const Params<T>& p, const float (&acc)[MT][NT][4], int64_t rows,
-                                           RowStats (&run)[stats_slots<NT>()]) {
+                                           RowStats (&run)[mma_owner_slots<NT>()]) {
   const int lane = threadIdx.x % 32, group = lane / 4;
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
@@ -189,7 +188,7 @@ __device__ __forceinline__ void tile_stats(const Params<T>& p, const float (&acc
       for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int64_t col = rows + 16 * mt + 8 * h + group;
+          const int64_t col = rows + mma_acc_row(mt, h, group);
           if (col < p.v) {
             float z = acc[mt][nt][2 * h + e];
             if (p.bias_kind != kNone) z += load_any(p.bias, p.bias_kind, col);
@@ -200,8 +199,7 @@ __device__ __forceinline__ void tile_stats(const Params<T>& p, const float (&acc
       // The 8 lanes of this quad (lane bits 2..4) hold the same tokens: butterfly over those bits.
 #pragma unroll
       for (int mask = 4; mask < 32; mask *= 2) merge_stats(st, shfl_xor_stats(st, mask));
-      const int owner = (2 * nt + e) % 8;
-      if (group == owner) merge_stats(run[(2 * nt + e) / 8], st);
+      if (group == mma_owner_group(nt, e)) merge_stats(run[mma_owner_slot(nt, e)], st);
     }
   }
 }
@@ -250,9 +248,9 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   const int64_t first_tile = static_cast<int64_t>(blockIdx.x) * tiles_per_slice;
   const int my_tiles = static_cast<int>(min(static_cast<int64_t>(tiles_per_slice), total_tiles - first_tile));
 
-  RowStats run[stats_slots<NT>()];
+  RowStats run[mma_owner_slots<NT>()];
 #pragma unroll
-  for (int i = 0; i < stats_slots<NT>(); ++i) run[i] = empty_stats();
+  for (int i = 0; i < mma_owner_slots<NT>(); ++i) run[i] = empty_stats();
   // Rounds of kMmaWarps warp tiles; warp w takes tile round + w. Every warp joins every round's barriers.
   for (int round = 0; round < my_tiles; round += kMmaWarps) {
     const bool active = round + warp < my_tiles;
@@ -282,7 +280,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
-      if (group == (2 * nt + e) % 8) red[warp * NP + 8 * nt + 2 * quad + e] = run[(2 * nt + e) / 8];
+      if (group == mma_owner_group(nt, e)) red[warp * NP + mma_acc_token(nt, quad, e)] = run[mma_owner_slot(nt, e)];
     }
   }
   __syncthreads();

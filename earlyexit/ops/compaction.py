@@ -254,7 +254,8 @@ def scatter_rows(dest, index, src, *, backend="auto"):
 
     Args:
         dest: [M, ...] any dtype, trailing shape and strides; written in place.
-        index: [K] int64 row positions in [0, M); with duplicates, which row lands is unspecified.
+        index: [K] int64 row positions in [0, M); with duplicates the row written there is unspecified
+            (it may mix the sources, as ``index_copy_`` may).
         src: [K, ...] with dest's trailing shape and dtype, on dest's device.
         backend: "auto", "torch", "triton", "cpu" or "cuda".
 
