@@ -12,11 +12,12 @@ layers after the exit); the share of step time spent in exit checks; for exact m
 acceptance rate. "ee-full" is EarlyExitLM with an unreachable threshold: its gap to model.generate
 is the overhead of the early-exit machinery when nothing exits.
 
-Usage: python benchmarks/bench_generate.py [--quick] [--device cuda] [--out DIR]
+Usage: python benchmarks/bench_generate.py [--quick] [--device cuda] [--new-tokens N] [--repeats R] [--out DIR]
 """
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -61,15 +62,27 @@ def threshold_for_rate(model, exit_layer, rate, vocab, device):
     return torch.quantile(scores[torch.isfinite(scores)], 1 - rate).item()
 
 
-def timed(fn, device):
-    synchronize(device)
-    t0 = time.perf_counter()
-    out = fn()
-    synchronize(device)
-    return out, time.perf_counter() - t0
+def timed_rounds(runners, device, repeats):
+    """Median wall-clock seconds and last output of each runner, {label: (out, s)}.
+
+    Runners are interleaved, round after round, so that slow drifts of the machine (clock, other
+    tenants) bias none of them; each is run once first as a warm-up (kernels, autotuning, allocator).
+    """
+    for fn in runners.values():
+        fn()
+    times = {label: [] for label in runners}
+    outs = {}
+    for _ in range(repeats):
+        for label, fn in runners.items():
+            synchronize(device)
+            t0 = time.perf_counter()
+            outs[label] = fn()
+            synchronize(device)
+            times[label].append(time.perf_counter() - t0)
+    return {label: (outs[label], statistics.median(t)) for label, t in times.items()}
 
 
-def bench_model(name, model, device, batches, rates, new_tokens, prompt_len=32):
+def bench_model(name, model, device, batches, rates, new_tokens, repeats, prompt_len=32):
     rows = []
     layers = model.config.num_hidden_layers
     exit_layer = layers // 2
@@ -77,9 +90,23 @@ def bench_model(name, model, device, batches, rates, new_tokens, prompt_len=32):
     thresholds = {r: threshold_for_rate(model, exit_layer, r, vocab, device) for r in rates}
     for batch in batches:
         ids = torch.randint(1, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(batch)).to(device)
-        gen = lambda ids=ids: model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)  # noqa: E731
-        gen()  # warm-up (kernels, autotuning, allocator)
-        _, base_s = timed(gen, device)
+        runners = {
+            "hf-generate": lambda ids=ids: model.generate(
+                ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+            )
+        }
+        configs = [("ee-full", 2.0, "exit", None)] + [
+            (f"exit@{r:.0%}", thresholds[r], "exit", r) for r in rates if r > 0
+        ]
+        configs += [(f"exact@{r:.0%}", thresholds[r], "exact", r) for r in rates if r > 0][-1:]
+        for label, thr, mode, _ in configs:
+            eem = EarlyExitLM(model, [exit_layer], threshold=thr)
+            # eos -1 never occurs: every row decodes exactly new_tokens tokens, as model.generate with min_new_tokens.
+            runners[label] = lambda eem=eem, mode=mode, ids=ids: eem.generate(
+                ids, max_new_tokens=new_tokens, mode=mode, eos_token_id=-1
+            )
+        timed = timed_rounds(runners, device, repeats)
+        base_s = timed["hf-generate"][1]
         base_step = base_s / new_tokens
         rows.append(
             dict(
@@ -92,19 +119,8 @@ def bench_model(name, model, device, batches, rates, new_tokens, prompt_len=32):
                 tokens_per_s=batch * new_tokens / base_s,
             )
         )
-        configs = [("ee-full", 2.0, "exit", None)] + [
-            (f"exit@{r:.0%}", thresholds[r], "exit", r) for r in rates if r > 0
-        ]
-        configs += [(f"exact@{r:.0%}", thresholds[r], "exact", r) for r in rates if r > 0][-1:]
-        for label, thr, mode, rate in configs:
-            eem = EarlyExitLM(model, [exit_layer], threshold=thr)
-
-            # eos -1 never occurs: every row decodes exactly new_tokens tokens, as model.generate with min_new_tokens.
-            def run(eem=eem, mode=mode, ids=ids):
-                return eem.generate(ids, max_new_tokens=new_tokens, mode=mode, eos_token_id=-1)
-
-            run()
-            out, secs = timed(run, device)
+        for label, _, mode, rate in configs:
+            out, secs = timed[label]
             stats = out.stats
             exited = stats["tokens_per_exit_layer"].get(exit_layer, 0) / max(stats["new_tokens"], 1)
             step = secs / new_tokens
@@ -126,7 +142,7 @@ def bench_model(name, model, device, batches, rates, new_tokens, prompt_len=32):
                     mean_layers=stats["mean_layers_per_token"],
                 )
             )
-            print(format_table(rows[-1:], list(rows[-1])), flush=True)
+        print(format_table(rows[-len(configs) - 1 :], list(rows[-1])), flush=True)
     return rows
 
 
@@ -135,6 +151,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="smaller sweep (the GPU check script uses this)")
     p.add_argument("--new-tokens", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds (the median is reported)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -146,7 +163,7 @@ def main(argv=None):
         rates = [0.0, 0.5] if args.quick else RATES
         for name in models:
             model = random_llama(GPU_MODELS[name], device, torch.bfloat16)
-            rows += bench_model(name, model, device, batches, rates, args.new_tokens or 32)
+            rows += bench_model(name, model, device, batches, rates, args.new_tokens or 32, args.repeats)
             del model
             torch.cuda.empty_cache()
     else:
@@ -160,6 +177,7 @@ def main(argv=None):
             [1] if args.quick else [1, 4],
             [0.0, 0.5] if args.quick else RATES,
             args.new_tokens or (8 if args.quick else 16),
+            args.repeats,
         )
     for r in rows:
         r.update(env)

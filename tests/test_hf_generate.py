@@ -120,6 +120,33 @@ def test_unreachable_threshold_is_full_depth(model, batch):
     assert out.stats["mean_layers_per_token"] == L and out.stats["layer_compute_skipped"] == 0
 
 
+def test_full_depth_greedy_tokens_skip_the_logits(model, batch, monkeypatch):
+    """Greedy rows that reach the last layer take the fused kernel's argmax: lm_head never runs in decode."""
+    ids, am = batch
+    ref = _reference(model, ids, am, 6)
+    calls = []
+    monkeypatch.setattr(
+        model.lm_head, "forward", lambda x: calls.append(x.shape) or torch.nn.Linear.forward(model.lm_head, x)
+    )
+    out = EarlyExitLM(model, EXITS, threshold=1.5).generate(ids, am, max_new_tokens=6)
+    assert torch.equal(out.sequences, ref)
+    assert calls == []
+
+
+def test_non_finite_head_never_exits_and_matches_generate():
+    """A NaN row in lm_head makes every logit row invalid: no row may exit even at threshold 0, and the
+    full-depth tokens fall back to the materialized logits' argmax, exactly as model.generate picks."""
+    model = _model("llama")
+    with torch.no_grad():
+        model.lm_head.weight[17] = float("nan")
+    torch.manual_seed(2)
+    ids = torch.randint(3, 300, (2, 5))
+    am = torch.ones_like(ids)
+    out = EarlyExitLM(model, EXITS, threshold=0.0).generate(ids, am, max_new_tokens=4)
+    assert (out.exit_layer == L).all()
+    assert torch.equal(out.sequences, _reference(model, ids, am, 4))
+
+
 def _first_step_states(model, ids, am):
     """Full forward with generate's positions: (hidden states per layer, the model's cache, positions)."""
     pos = (am.cumsum(-1) - 1).clamp(min=0)

@@ -218,16 +218,23 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   __shared__ bool row_finite[NP];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, group = lane / 4, quad = lane % 4;
 
-  // Prologue: RMSNorm scale and finiteness of each row (N * d reads from L2, once per block).
+  // Prologue: RMSNorm scale and finiteness of each row (N * d reads from L2, once per block), in 16-byte
+  // loads (rows are 16-byte aligned and d % 8 == 0 on this path) so few L2 round trips precede the stream.
   for (int r = warp; r < NP; r += kMmaWarps) {
     float sumsq = 0.f;
     bool ok = true;
     if (r < p.n) {
       const T* h = p.hidden + r * p.hidden_stride;
-      for (int k = lane; k < p.d; k += 32) {
-        const float x = to_float(h[k]);
-        sumsq += x * x;
-        ok = ok && is_finite(x);
+#pragma unroll 4
+      for (int k = 8 * lane; k < p.d; k += 8 * 32) {
+        const uint4 raw = __ldg(reinterpret_cast<const uint4*>(h + k));
+        const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const float x = to_float(e[i]);
+          sumsq += x * x;
+          ok = ok && is_finite(x);
+        }
       }
     }
     sumsq = warp_sum(sumsq);

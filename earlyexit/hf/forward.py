@@ -114,6 +114,24 @@ def _timed_check(spec, i, hidden, adapter, counters):
     return x, res.token, exits
 
 
+def _full_depth_tokens(adapter, chooser, hidden):
+    """Next tokens of rows that ran every layer, from their last hidden states [K, d].
+
+    Greedy: the fused exit check over the model's own head (final norm + lm_head) gives the argmax of
+    the float32 logits without materializing [K, V] of them (on a 2-core CPU, 4x faster than lm_head at
+    SmolLM2's 49152 x 576 head); ties go to the lowest index as in torch.argmax. Rows whose logits are not
+    finite get torch's argmax of the materialized logits, as model.generate would. Sampling needs the
+    logits themselves.
+    """
+    if chooser.do_sample:
+        return chooser(adapter.logits(hidden))
+    tokens = exit_check(hidden, threshold=1.0, **adapter.exit_head).token
+    invalid = tokens < 0
+    if bool(invalid.any()):
+        tokens = torch.where(invalid, chooser(adapter.logits(hidden)), tokens)
+    return tokens
+
+
 def exit_step(adapter, cache, spec, input_ids, attention_mask, running, chooser, counters):
     """One decoding step with per-row early exits, compaction and state propagation.
 
@@ -172,8 +190,7 @@ def exit_step(adapter, cache, spec, input_ids, attention_mask, running, chooser,
 
     if rows.shape[0] > 0:
         live = rows[~done]
-        last = adapter.logits(h[~done][:, -1])
-        scatter_rows(tokens, live, chooser(last))
+        scatter_rows(tokens, live, _full_depth_tokens(adapter, chooser, h[~done][:, -1]))
         scatter_rows(exit_layer, live, torch.full_like(live, num_layers))
     _propagate(adapter, cache, spec, exit_hidden, exit_layer, running, r, counters)
     return tokens, exit_layer
