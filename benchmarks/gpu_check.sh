@@ -44,8 +44,14 @@ step bench_exit 150 $PY benchmarks/bench_exit_check.py --set reduced --out "$OUT
 for extra in bench_compaction bench_generate; do
   [ -f "benchmarks/$extra.py" ] && step "$extra" 90 $PY "benchmarks/$extra.py" --quick --out "$OUT"
 done
-# Shared-memory hazards (the decode kernels reuse their staging buffer for the merge): last, it is slow.
+# Shared-memory hazards (the decode kernels reuse their staging buffer for the merge): late, it is slow.
 [ -n "$SANITIZER" ] && step racecheck 60 "$SANITIZER" --tool racecheck --error-exitcode 1 $PY benchmarks/sanitize_cuda.py
+# Hardware counters of the decode kernels at the real head size (where ncu can read them).
+NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
+[ -n "$NCU" ] && step ncu 60 "$NCU" --clock-control none --target-processes all \
+  --kernel-name regex:'exit_check_kernel|decode_mma_kernel|decode_kernel' \
+  --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+  $PY benchmarks/ncu_exit_check.py
 
 # The results file to commit as benchmarks/results/<gpu-name>.md.
 GPU=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))" 2>/dev/null || echo unknown_gpu)
@@ -60,6 +66,8 @@ GPU=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_')
   for log in memcheck racecheck; do
     [ -f "$OUT/$log.log" ] && { echo; echo "## $log"; tail -n 12 "$OUT/$log.log"; }
   done
+  [ -f "$OUT/ncu.log" ] && { echo; echo "## ncu (decode kernels, d=4096 V=128256 bf16)"
+    grep -E '^  [a-z_]+.*(exit_check_kernel|decode)|DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy|Registers Per|==PROF==|ERR' "$OUT/ncu.log" | head -n 80; }
   for log in bench_exit bench_compaction bench_generate; do
     [ -f "$OUT/$log.log" ] && { echo; echo "## $log"; grep -v '^wrote ' "$OUT/$log.log" | tail -n 60; }
   done
