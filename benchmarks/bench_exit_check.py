@@ -42,6 +42,7 @@ ROWS = {"full": [1, 8, 32, 64, 256, 1024, 4096], "reduced": [1, 8, 64, 1024]}
 CPU_HEADS = {"full": [(576, 49152), (2048, 32000)], "reduced": [(576, 49152)]}
 CPU_ROWS = {"full": [1, 8, 64, 256], "reduced": [1, 8, 64]}
 EPS = 1e-6
+COLUMNS = ["provider", "N", "d", "V", "ms", "GBps", "TFLOPs", "roofline_frac", "speedup_vs_eager", "extra_MiB"]
 
 
 def eager_exit_stats(hidden, weight, norm_weight):
@@ -65,7 +66,10 @@ def chunked_exit_stats(hidden, weight, norm_weight, budget_bytes=256 << 20):
 
 
 def providers(device):
-    compiled = torch.compile(eager_exit_stats, dynamic=False)
+    # Default (automatic) dynamic shapes: one recompile marks N, another d and V dynamic, so the sweep
+    # costs about three compiles instead of one per shape (dynamic=False would recompile per shape and,
+    # past the recompile limit, silently fall back to eager).
+    compiled = torch.compile(eager_exit_stats)
     out = {
         "eager": eager_exit_stats,
         "compile": compiled,
@@ -136,9 +140,12 @@ def run(device, dtype, heads, rows, only=None):
                         **env,
                     )
                 )
-            for r in table:
-                if r["N"] == n and r["d"] == d and r["V"] == v and "eager" in results:
+            shape_rows = [r for r in table if r["N"] == n and r["d"] == d and r["V"] == v]
+            for r in shape_rows:
+                if "eager" in results:
                     r["speedup_vs_eager"] = results["eager"] / r["ms"]
+            # Printed as measured, so a run cut short by a time limit still leaves its numbers.
+            print(format_table(shape_rows, COLUMNS), flush=True)
     return table
 
 
@@ -158,8 +165,7 @@ def main(argv=None):
         [int(x) for x in args.rows.split(",")] if args.rows else (ROWS if device.type == "cuda" else CPU_ROWS)[args.set]
     )
     table = run(device, dtype, heads, rows, only=args.providers.split(",") if args.providers else None)
-    cols = ["provider", "N", "d", "V", "ms", "GBps", "TFLOPs", "roofline_frac", "speedup_vs_eager", "extra_MiB"]
-    print(format_table(table, cols))
+    print(format_table(table, COLUMNS))
     if table:
         stem = f"exit_check_{table[0]['device']}_torch{table[0]['torch']}".replace("+", "_")
         write_csv(os.path.join(args.out, stem + ".csv"), table)
