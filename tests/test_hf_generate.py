@@ -78,6 +78,24 @@ def test_half_precision(dtype, batch):
     assert torch.equal(eem.generate(ids, am, max_new_tokens=8).sequences, compacted.sequences)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_generation(dtype, batch):
+    """The loop on a GPU: exit checks (Triton), compaction and state propagation on CUDA tensors."""
+    model = _model("llama").to("cuda", dtype)
+    ids, am = (t.cuda() for t in batch)
+    ref = _reference(model, ids, am, 8)
+    eem = EarlyExitLM(model, EXITS, threshold=0.1)
+    assert torch.equal(eem.generate(ids, am, max_new_tokens=8, mode="exact").sequences, ref)
+    out = eem.generate(ids, am, max_new_tokens=8)
+    assert (out.exit_layer < L).any() and out.sequences.device.type == "cuda"
+    if dtype == torch.float32:  # bf16 kernels may round row subsets differently: compare in float32 only
+        eem.compaction = False
+        assert torch.equal(eem.generate(ids, am, max_new_tokens=8).sequences, out.sequences)
+        eem.thresholds = [2.0, 2.0]
+        assert torch.equal(eem.generate(ids, am, max_new_tokens=8).sequences, ref)
+
+
 def test_exact_mode_eos_padding(model, batch):
     ids, am = batch
     free = _reference(model, ids, am, 8)
