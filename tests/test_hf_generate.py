@@ -235,6 +235,28 @@ def test_propagated_cache(model, batch):
                 torch.testing.assert_close(values, want_v, rtol=1e-5, atol=1e-5)
 
 
+def test_exact_mode_cache_is_full_depth(model, batch):
+    """Exact mode keeps the drafts' first layers and recomputes the rest: after generation every cached
+    entry (real token positions, every layer) equals the model's own cache over the same sequence."""
+    ids, am = batch
+    n = 9
+    out = EarlyExitLM(model, EXITS, threshold=0.1).generate(ids, am, max_new_tokens=n, mode="exact")
+    assert out.stats["acceptance_rate"] > 0  # drafts were kept, so their cache entries were reused
+    length = out.cache.layers[0].keys.shape[-2]
+    seq = out.sequences[:, :length]
+    seq_am = torch.cat([am, torch.ones(am.shape[0], length - T, dtype=am.dtype)], dim=1)
+    with torch.no_grad():
+        _, hf_cache, _ = _first_step_states(model, seq, seq_am)
+    real = seq_am.bool()
+    for idx in range(L):
+        for got, want in (
+            (out.cache.layers[idx].keys, hf_cache.layers[idx].keys),
+            (out.cache.layers[idx].values, hf_cache.layers[idx].values),
+        ):
+            g, w = got.transpose(1, 2)[real], want.transpose(1, 2)[real]  # [real positions, H, D]
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=f"layer {idx}")
+
+
 def test_compacted_equals_masking_only(model, batch):
     ids, am = batch
     eem = EarlyExitLM(model, EXITS, threshold=[0.2, 0.1])

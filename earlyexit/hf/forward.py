@@ -75,6 +75,13 @@ def _prologue(adapter, cache, input_ids, attention_mask, running):
     return _Rows(hidden_k, cos_k, sin_k, pos_k, masks_k, rows, cos, sin), list(masks)
 
 
+def _run_layers(adapter, layers, h, masks, windows, pos, cos_sin, view):
+    """Decoder layers ``layers`` (a range) on h [K, q, d] with one mask per window (order of ``windows``)."""
+    for idx in layers:
+        h = adapter.run_layer(idx, h, masks[windows.index(adapter.windows[idx])], pos, cos_sin, view)
+    return h
+
+
 def _view_rows(rows, batch):
     # All rows: the layers read the cache tensors directly instead of gathering a copy.
     return None if rows.shape[0] == batch else rows
@@ -93,11 +100,43 @@ def full_forward(adapter, cache, input_ids, attention_mask, running, counters):
     batch = input_ids.shape[0]
     r, windows = _prologue(adapter, cache, input_ids, attention_mask, running)
     view = cache.view(_view_rows(r.rows, batch))
-    h = r.hidden
-    for idx in range(adapter.num_layers):
-        mask = r.masks[windows.index(adapter.windows[idx])]
-        h = adapter.run_layer(idx, h, mask, r.pos, (r.cos, r.sin), view)
+    h = _run_layers(adapter, range(adapter.num_layers), r.hidden, r.masks, windows, r.pos, (r.cos, r.sin), view)
     counters.layer_rows += adapter.num_layers * r.rows.shape[0] * input_ids.shape[1]
+    return h, r.rows
+
+
+def verify_forward(adapter, cache, block, attention_mask, running, first_states, k, counters):
+    """Full-depth pass over a drafted block that reuses what the drafts computed exactly.
+
+    Every running row of every draft step ran at least the first ``k`` layers (k: the first exit layer)
+    from exact inputs, so the cache entries of layers 0..k-1 at the n drafted positions are already
+    the full model's, and so are their hidden states after layer k (``first_states``). Only the last
+    draft token still needs layers 0..k-1; layers k..L-1 then run on all n + 1 positions, overwriting
+    the drafts' computed or propagated entries there. Layers 0..k-1 of the block thus run position by
+    position, as ``model.generate`` runs them.
+
+    Args:
+        block: [B, n + 1] int64, the pending token then the n drafts; the cache holds the n drafted
+            positions (cache.length = start + n). attention_mask: [B, S], S >= start + n + 1.
+        running: [B] bool, the rows the drafts ran. first_states: [K, n, d] hidden states after layer k
+            of the running rows (in row order) at the drafted positions.
+
+    Returns:
+        (hidden [K, n + 1, d] after the last layer, rows int64 [K]).
+    """
+    batch, q = block.shape[0], block.shape[1]
+    start = cache.length - (q - 1)
+    r, windows = _prologue(adapter, cache, block[:, -1:], attention_mask, running)
+    view = cache.view(_view_rows(r.rows, batch))
+    last = _run_layers(adapter, range(k), r.hidden, r.masks, windows, r.pos, (r.cos, r.sin), view)
+    pos = position_ids(attention_mask, start, q)
+    masks = build_masks(attention_mask, start, q, adapter.windows, adapter.attn_impl, adapter.dtype)
+    cos, sin = adapter.rotary(last, pos)
+    (cos, sin, pos, *masks_k), _ = compact(running, cos, sin, pos, *masks.values())
+    cache.reserved = q  # layers k.. write positions [start, start + q)
+    h = torch.cat([first_states, last], dim=1)
+    h = _run_layers(adapter, range(k, adapter.num_layers), h, masks_k, list(masks), pos, (cos, sin), view)
+    counters.layer_rows += r.rows.shape[0] * (k + (adapter.num_layers - k) * q)
     return h, r.rows
 
 
@@ -132,13 +171,15 @@ def _full_depth_tokens(adapter, chooser, hidden):
     return tokens
 
 
-def exit_step(adapter, cache, spec, input_ids, attention_mask, running, chooser, counters):
+def exit_step(adapter, cache, spec, input_ids, attention_mask, running, chooser, counters, first_states=None):
     """One decoding step with per-row early exits, compaction and state propagation.
 
     Args:
         input_ids: [B, 1] int64, the last token of each row. attention_mask: [B, S], S >= cache.length + 1.
         running: [B] bool, rows still generating (the others are skipped entirely).
         chooser: :class:`~earlyexit.hf.sampling.TokenChooser` (greedy or sampling).
+        first_states: None, or a list that gets the running rows' hidden states [K, d] after the first
+            exit layer (before any row has exited), for :func:`verify_forward`.
 
     Returns:
         (tokens int64 [B], exit_layer int64 [B]): the next token of each running row and the number
@@ -164,6 +205,8 @@ def exit_step(adapter, cache, spec, input_ids, attention_mask, running, chooser,
         i = exit_at.get(idx + 1)
         if i is None:
             continue
+        if i == 0 and first_states is not None:
+            first_states.append(h[:, -1])
         x, tok, exits = _timed_check(spec, i, h[:, -1], adapter, counters)
         exits = exits & ~done
         n_exit = int(exits.sum())

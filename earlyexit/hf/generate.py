@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from earlyexit.hf.cache import RowCache
-from earlyexit.hf.forward import Counters, exit_step, full_forward
+from earlyexit.hf.forward import Counters, exit_step, full_forward, verify_forward
 from earlyexit.hf.sampling import TokenChooser
 
 
@@ -123,8 +123,10 @@ def _accept(chooser, logits, drafts):
 def generate_exact(adapter, spec, input_ids, attention_mask, max_new_tokens, eos, pad, chooser, draft_tokens, progress):
     """Exact mode: draft with early exits, verify each block with one full-depth pass.
 
-    Rows of a batch share cache positions, so each round keeps the shortest accepted prefix over the
-    running rows (plus the verifier's next token) and crops the rest of the cache.
+    The verification reuses the drafts' first exit-layer's worth of layers (exact for every drafted
+    position, see :func:`~earlyexit.hf.forward.verify_forward`) and runs the deeper layers on the
+    whole block. Rows of a batch share cache positions, so each round keeps the shortest accepted
+    prefix over the running rows (plus the verifier's next token) and crops the rest of the cache.
     """
     run = _Run(adapter, input_ids, attention_mask, eos, pad, progress)
     greedy = TokenChooser(False, 1.0, 1.0)
@@ -134,18 +136,22 @@ def generate_exact(adapter, spec, input_ids, attention_mask, max_new_tokens, eos
     while not done:
         running = run.unfinished.clone()
         n = min(draft_tokens, max_new_tokens - produced - 1)
-        start = run.cache.length
-        drafts, draft_layers, pending, am = [], [], run.pending, run.attention_mask
+        drafts, draft_layers, first_states, pending, am = [], [], [], run.pending, run.attention_mask
         for _ in range(n):
-            tok, lay = exit_step(adapter, run.cache, spec, pending, am, running, greedy, c)
+            tok, lay = exit_step(adapter, run.cache, spec, pending, am, running, greedy, c, first_states)
             drafts.append(tok)
             draft_layers.append(lay)
             pending = tok[:, None]
             am = torch.cat([am, am.new_ones(batch, 1)], dim=1)
-        run.cache.crop(run.cache.length - start)
 
         block = torch.cat([run.pending] + [d[:, None] for d in drafts], dim=1)  # [B, n + 1]
-        hidden, rows = full_forward(adapter, run.cache, block, run.ones(n), running, c)
+        if n:
+            states = torch.stack(first_states, dim=1)  # [K, n, d]
+            hidden, rows = verify_forward(
+                adapter, run.cache, block, run.ones(n), running, states, spec.exit_layers[0], c
+            )
+        else:
+            hidden, rows = full_forward(adapter, run.cache, block, run.ones(n), running, c)
         accepted, target = _accept(chooser, adapter.logits(hidden), block[rows, 1:])
         a = int(accepted.min())
         c.verify_passes += 1
