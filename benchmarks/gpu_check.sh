@@ -32,8 +32,11 @@ step() {  # step NAME TIMEOUT_S CMD...: run with a time limit, log to OUTDIR/NAM
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv >"$OUT/gpu.txt" 2>&1
 # Build in place against the installed torch: no downloads, no build isolation. Hopper only, to fit the budget.
-step build 180 env EARLYEXIT_CUDA_ARCHS="${EARLYEXIT_CUDA_ARCHS:-90}" MAX_JOBS=8 \
-  $PY -m pip install --no-build-isolation --no-deps --no-index -e .
+if ! step build 180 env EARLYEXIT_CUDA_ARCHS="${EARLYEXIT_CUDA_ARCHS:-90}" MAX_JOBS=8 \
+  $PY -m pip install --no-build-isolation --no-deps --no-index -e .; then
+  # Without the extension the Triton kernels, the tests of everything else and most numbers still run.
+  step build_noext 60 env EARLYEXIT_SKIP_BUILD=1 $PY -m pip install --no-build-isolation --no-deps --no-index -e .
+fi
 step env 30 $PY -m earlyexit.env
 # No -x: one GPU failure must not hide the others.
 step tests 150 $PY -m pytest -q -rs tests
