@@ -27,32 +27,33 @@ def _run(*args):
     return subprocess.run([TOOL, *args, backends.EXTENSION.__file__], capture_output=True, text=True, check=True).stdout
 
 
-@pytest.fixture(scope="module")
-def sass():
-    """{(arch, function name): SASS text} for every kernel in the extension."""
-    out, arch, name, funcs = _run("-sass"), None, None, {}
+def _by_function(out, function_re):
+    """{(arch, function name): [lines]} from cuobjdump output (functions listed per "arch = sm_XX" block)."""
+    arch, name, funcs = None, None, {}
     for line in out.splitlines():
         if m := re.search(r"arch = sm_(\d+)", line):
             arch, name = int(m.group(1)), None
-        elif m := re.search(r"Function : (\S+)", line):
+        elif m := re.search(function_re, line):
             name = m.group(1)
             funcs[(arch, name)] = []
         elif name is not None:
             funcs[(arch, name)].append(line)
-    return {k: "\n".join(v) for k, v in funcs.items()}
+    return funcs
+
+
+@pytest.fixture(scope="module")
+def sass():
+    """{(arch, function name): SASS text} for every kernel in the extension."""
+    return {k: "\n".join(v) for k, v in _by_function(_run("-sass"), r"Function : (\S+)").items()}
 
 
 @pytest.fixture(scope="module")
 def usage():
     """{(arch, function name): {"reg", "stack", "local", ...}} from cuobjdump's resource usage."""
-    out, arch, name, res = _run("-res-usage"), None, None, {}
-    for line in out.splitlines():
-        if m := re.search(r"arch = sm_(\d+)", line):
-            arch, name = int(m.group(1)), None
-        elif m := re.search(r"Function (\S+):", line):
-            name = m.group(1)
-        elif name is not None and "REG:" in line:
-            res[(arch, name)] = {k.lower(): int(v) for k, v in re.findall(r"([A-Z]+):(\d+)", line)}
+    res = {}
+    for key, lines in _by_function(_run("-res-usage"), r"Function (\S+):").items():
+        fields = re.findall(r"([A-Z]+):(\d+)", " ".join(ln for ln in lines if "REG:" in ln))
+        res[key] = {k.lower(): int(v) for k, v in fields}
     return res
 
 
