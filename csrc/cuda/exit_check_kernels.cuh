@@ -61,6 +61,21 @@ __device__ __forceinline__ float load_any(const void* p, int kind, int64_t i) {
   return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
 }
 
+// n consecutive elements p[i .. i + n) as floats, the dtype switch taken once (not per element).
+template <int n>
+__device__ __forceinline__ void load_any_n(const void* p, int kind, int64_t i, float (&out)[n]) {
+  if (kind == kF32) {
+#pragma unroll
+    for (int e = 0; e < n; ++e) out[e] = static_cast<const float*>(p)[i + e];
+  } else if (kind == kF16) {
+#pragma unroll
+    for (int e = 0; e < n; ++e) out[e] = __half2float(static_cast<const __half*>(p)[i + e]);
+  } else {
+#pragma unroll
+    for (int e = 0; e < n; ++e) out[e] = __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i + e]);
+  }
+}
+
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);

@@ -99,9 +99,10 @@ __device__ void stage_rows(const Params<T>& p, T* xs, int ks, int c0, int kc, co
       } else {
         const T* h = reinterpret_cast<const T*>(&raw);
         T* o = reinterpret_cast<T*>(&out);
+        float g[8];
+        load_any_n(p.norm_weight, p.norm_kind, k, g);
 #pragma unroll
-        for (int e = 0; e < 8; ++e)
-          o[e] = from_float<T>(to_float(h[e]) * inv_rms[r] * load_any(p.norm_weight, p.norm_kind, k + e));
+        for (int e = 0; e < 8; ++e) o[e] = from_float<T>(to_float(h[e]) * inv_rms[r] * g[e]);
       }
     }
     *reinterpret_cast<uint4*>(xs + r * ks + (i % vecs) * 8) = out;
