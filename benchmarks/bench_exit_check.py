@@ -149,6 +149,19 @@ def run(device, dtype, heads, rows, only=None):
     return table
 
 
+def dispatch_summary(table):
+    """Per shape, the fastest earlyexit backend and the fastest provider overall: the data behind the
+    "auto" dispatch rule (backends.auto_backend) and behind "faster than every other provider"."""
+    lines = ["fastest per shape (earlyexit backend / any provider):"]
+    for key in dict.fromkeys((r["d"], r["V"], r["N"]) for r in table):
+        rows = [r for r in table if (r["d"], r["V"], r["N"]) == key]
+        ours = [r for r in rows if r["provider"].startswith("ee-")]
+        best = min(rows, key=lambda r: r["ms"])
+        mine = min(ours, key=lambda r: r["ms"])["provider"] if ours else "-"
+        lines.append(f"  d={key[0]} V={key[1]} N={key[2]}: {mine} / {best['provider']} ({best['ms']:.4g} ms)")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -166,6 +179,7 @@ def main(argv=None):
     )
     table = run(device, dtype, heads, rows, only=args.providers.split(",") if args.providers else None)
     print(format_table(table, COLUMNS))
+    print(dispatch_summary(table))
     if table:
         stem = f"exit_check_{table[0]['device']}_torch{table[0]['torch']}".replace("+", "_")
         write_csv(os.path.join(args.out, stem + ".csv"), table)

@@ -72,7 +72,7 @@ GPU=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_')
   [ -f "$OUT/ncu.log" ] && { echo; echo "## ncu (decode kernels, d=4096 V=128256 bf16)"
     grep -E '^  [a-z_]+.*(exit_check_kernel|decode)|DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy|Registers Per|==PROF==|ERR' "$OUT/ncu.log" | head -n 80; }
   for log in bench_exit bench_compaction bench_generate; do
-    [ -f "$OUT/$log.log" ] && { echo; echo "## $log"; grep -v '^wrote ' "$OUT/$log.log" | tail -n 60; }
+    [ -f "$OUT/$log.log" ] && { echo; echo "## $log"; grep -v '^wrote ' "$OUT/$log.log" | tail -n 90; }
   done
   echo '```'
 } >"$OUT/$GPU.md"
