@@ -165,3 +165,20 @@ def test_one_pass_scores_every_measure(model):
         alone = exit_scores_from_states(EarlyExitLM(model, EXITS, measure=measure), states, final)
         assert torch.equal(together[measure].scores, alone.scores)
         assert torch.equal(together[measure].correct, alone.correct) and together[measure].measure == measure
+
+
+@pytest.mark.gpu
+def test_train_and_calibrate_on_cuda():
+    """Training and calibration with the model on a GPU: states, heads and the exit checks stay on the
+    model's device; the adapters plug into a CUDA EarlyExitLM."""
+    model = tiny_causal_lm("llama", num_layers=6).to("cuda")
+    adapters = train_exit_adapters(
+        model, EXITS, _ids(1024, 2), steps=20, lr=3e-3, batch_size=128, seq_len=32, progress=False
+    )
+    assert next(adapters.parameters()).device.type == "cuda"
+    eem = EarlyExitLM(model, EXITS, heads=adapters)
+    thresholds, report = calibrate(eem, _ids(512, 6), target_agreement=0.9, seq_len=32, progress=False)
+    assert report.agreement >= 0.9 and len(thresholds) == len(EXITS)
+    ids = _ids(8, 7).view(2, 4).cuda()
+    out = eem.generate(ids, torch.ones_like(ids), max_new_tokens=4)
+    assert out.sequences.shape == (2, 8) and out.sequences.device.type == "cuda"
