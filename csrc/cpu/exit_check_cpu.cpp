@@ -7,8 +7,9 @@
 // which inside a parallel region runs on the calling thread), then reduces each row of it to RowStats
 // (chunk_stats.cpp). Bytes moved from memory per call: V*d*elt for the weight
 // (read once per row block; one row block up to kRowBlock rows), N*d*4 for the normalized rows; the
-// logits never leave the cache. Extra memory: per thread rows*chunk floats (+ chunk*d floats to upcast a
-// bf16/fp16 weight chunk), plus N * n_chunks RowStats for the partials.
+// logits never leave the cache. row_dots reads a bf16/fp16 weight in its own dtype (widened in registers);
+// the GEMM path upcasts each bf16/fp16 weight chunk first. Extra memory: per thread rows*chunk floats
+// (+ chunk*d floats for that upcast above 8 rows), plus N * n_chunks RowStats for the partials.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/core/GradMode.h>
@@ -91,19 +92,28 @@ void exit_check_cpu(const ExitArgs& a, const ExitOutputs& out) {
     // at::parallel_for does not carry it to its worker threads, so the guard is set here, per thread.
     const c10::NoGradGuard no_grad;
     at::Tensor zbuf = at::empty({rows * cols}, x.options());
-    at::Tensor wbuf = upcast ? at::empty({cols, d}, x.options()) : at::Tensor();
+    at::Tensor wbuf = upcast && rows > cpu::kRowDotsMaxRows ? at::empty({cols, d}, x.options()) : at::Tensor();
     at::Tensor bbuf = (a.bias && !bias_f32) ? at::empty({cols}, x.options()) : at::Tensor();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task / row_blocks, rb = task % row_blocks;
       const int64_t v0 = c * cols, nc = std::min(cols, v - v0);
       const int64_t r0 = rb * rows, nr = std::min(rows, n - r0);
       at::Tensor w = a.weight.narrow(0, v0, nc);
-      if (upcast) w = wbuf.narrow(0, 0, nc).copy_(w);  // exact: bf16/fp16 -> fp32, so the GEMM accumulates in fp32
       at::Tensor z = zbuf.narrow(0, 0, nr * nc).view({nr, nc});
+      const float* xr = x.const_data_ptr<float>() + r0 * d;
       if (nr <= cpu::kRowDotsMaxRows) {
-        cpu::row_dots(x.const_data_ptr<float>() + r0 * d, nr, d, w.const_data_ptr<float>(), w.stride(0), nc,
-                      z.mutable_data_ptr<float>());
+        // The weight in its own dtype, widened in registers: no upcast copy, half the bytes for bf16/fp16.
+        const auto wt = w.scalar_type();
+        const auto* w16 = static_cast<const uint16_t*>(w.const_data_ptr());
+        if (wt == at::kBFloat16) {
+          cpu::row_dots_bf16(xr, nr, d, w16, w.stride(0), nc, z.mutable_data_ptr<float>());
+        } else if (wt == at::kHalf) {
+          cpu::row_dots_f16(xr, nr, d, w16, w.stride(0), nc, z.mutable_data_ptr<float>());
+        } else {
+          cpu::row_dots(xr, nr, d, w.const_data_ptr<float>(), w.stride(0), nc, z.mutable_data_ptr<float>());
+        }
       } else {
+        if (upcast) w = wbuf.narrow(0, 0, nc).copy_(w);  // exact: bf16/fp16 -> fp32, so the GEMM accumulates in fp32
         at::mm_out(z, x.narrow(0, r0, nr), w.t());
       }
       const float* b = nullptr;

@@ -19,5 +19,10 @@ constexpr int64_t kRowDotsMaxRows = 8;
 // (runtime pick).
 void row_dots(const float* x, int64_t n, int64_t d, const float* w, int64_t ldw, int64_t nc, float* z);
 
+// The same with a bfloat16 / float16 weight (raw 16-bit patterns): each weight element is widened to
+// float32 in registers (exactly), so 2*d*nc bytes stream from memory and no upcast copy is made.
+void row_dots_bf16(const float* x, int64_t n, int64_t d, const uint16_t* w, int64_t ldw, int64_t nc, float* z);
+void row_dots_f16(const float* x, int64_t n, int64_t d, const uint16_t* w, int64_t ldw, int64_t nc, float* z);
+
 }  // namespace cpu
 }  // namespace earlyexit

@@ -1,0 +1,90 @@
+"""csrc/cpu/row_dots.cpp on its own (ctypes): the decode-regime head GEMM of the CPU kernel.
+
+The bf16/fp16 entry points widen the weight to float32 in registers with integer/float vector code
+(the fp16 one by hand: exponent rebias, Inf/NaN, subnormals through a magic subtraction). Every one of
+the 65536 16-bit patterns goes through each of the 8 vector lanes and must come out as torch converts
+it; the float32 path and the tails (d not a multiple of 8, 1-8 rows) are checked against float64.
+"""
+
+import ctypes
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CXX = shutil.which(os.environ.get("CXX", "c++"))
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    if CXX is None:
+        pytest.skip("no C++ compiler")
+    so = tmp_path_factory.mktemp("row_dots") / "librow_dots.so"
+    srcs = [os.path.join(ROOT, "csrc", "cpu", "row_dots.cpp"), os.path.join(ROOT, "tests", "row_dots_harness.cpp")]
+    subprocess.run(
+        [CXX, "-O2", "-std=c++17", "-shared", "-fPIC", "-I", os.path.join(ROOT, "csrc"), *srcs, "-o", str(so)],
+        check=True,
+    )
+    return ctypes.CDLL(str(so))
+
+
+def _row_dots(lib, name, x, w):
+    """z [n, nc] = x [n, d] (float32) @ w [nc, d].T through the named entry point (w float32 or 16-bit)."""
+    n, d = x.shape
+    z = torch.empty(n, w.shape[0])
+    args = [x.data_ptr(), n, d, w.data_ptr(), w.stride(0), w.shape[0], z.data_ptr()]
+    fn = getattr(lib, name)
+    fn.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+    ]
+    fn(*args)
+    return z
+
+
+@pytest.mark.parametrize("flush_denormal", [False, True])
+@pytest.mark.parametrize("dtype,name", [(torch.bfloat16, "rd_bf16"), (torch.float16, "rd_f16")])
+def test_every_16_bit_pattern_widens_exactly_in_every_lane(lib, dtype, name, flush_denormal):
+    # Weight row j holds pattern j in lane j % 8 and zeros elsewhere; x row r is one-hot at column r, so
+    # z[j % 8, j] = 1 * pattern_j + (0 * 0 terms): the widened pattern (a -0 pattern reads as +0).
+    # fp16 subnormals widen to normal float32s, so flush-denormal mode must not change them.
+    patterns = torch.arange(65536, dtype=torch.int32).to(torch.int16)
+    w = torch.zeros(65536, 8, dtype=torch.int16)
+    lane = torch.arange(65536) % 8
+    w[torch.arange(65536), lane] = patterns
+    if flush_denormal and dtype == torch.bfloat16:
+        pytest.skip("bf16 subnormals are float32 subnormals: flush-denormal mode zeroes them in any arithmetic")
+    if flush_denormal and not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no flush-denormal mode")
+    try:
+        z = _row_dots(lib, name, torch.eye(8), w)
+    finally:
+        torch.set_flush_denormal(False)
+    got = z[lane, torch.arange(65536)]
+    want = patterns.view(dtype).float()
+    assert torch.equal(got.isnan(), want.isnan())
+    finite = ~want.isnan()
+    assert torch.equal(got[finite], want[finite] + 0.0)
+
+
+@pytest.mark.parametrize("n", [1, 3, 8])
+@pytest.mark.parametrize("d", [1, 7, 8, 61, 576])
+@pytest.mark.parametrize(
+    "dtype,name", [(torch.float32, "rd_f32"), (torch.bfloat16, "rd_bf16"), (torch.float16, "rd_f16")]
+)
+def test_matches_float64(lib, n, d, dtype, name):
+    g = torch.Generator().manual_seed(n * 1000 + d)
+    x = torch.randn(n, d, generator=g)
+    w = torch.randn(37, d + 3, generator=g).to(dtype)[:, :d]  # row stride d + 3: ldw != d
+    raw = w if dtype == torch.float32 else w.view(torch.int16)
+    z = _row_dots(lib, name, x, raw)
+    want = x.double() @ w.double().T
+    torch.testing.assert_close(z.double(), want, rtol=1e-5, atol=1e-5 * d**0.5)
