@@ -11,4 +11,7 @@ void rd_bf16(const float* x, int64_t n, int64_t d, const uint16_t* w, int64_t ld
 void rd_f16(const float* x, int64_t n, int64_t d, const uint16_t* w, int64_t ldw, int64_t nc, float* z) {
   earlyexit::cpu::row_dots_f16(x, n, d, w, ldw, nc, z);
 }
+void rd_f16_portable(const float* x, int64_t n, int64_t d, const uint16_t* w, int64_t ldw, int64_t nc, float* z) {
+  earlyexit::cpu::row_dots_f16_portable(x, n, d, w, ldw, nc, z);
+}
 }

@@ -1,7 +1,8 @@
 """csrc/cpu/row_dots.cpp on its own (ctypes): the decode-regime head GEMM of the CPU kernel.
 
-The bf16/fp16 entry points widen the weight to float32 in registers with integer/float vector code
-(the fp16 one by hand: exponent rebias, Inf/NaN, subnormals through a magic subtraction). Every one of
+The bf16/fp16 entry points widen the weight to float32 in registers: bf16 by a shift, fp16 with F16C
+where the CPU has it and otherwise by hand (exponent rebias, Inf/NaN, subnormals through a magic
+subtraction); both fp16 paths are tested here. Every one of
 the 65536 16-bit patterns goes through each of the 8 vector lanes and must come out as torch converts
 it; the float32 path and the tails (d not a multiple of 8, 1-8 rows) are checked against float64.
 """
@@ -23,7 +24,8 @@ def lib(tmp_path_factory):
     if CXX is None:
         pytest.skip("no C++ compiler")
     so = tmp_path_factory.mktemp("row_dots") / "librow_dots.so"
-    srcs = [os.path.join(ROOT, "csrc", "cpu", "row_dots.cpp"), os.path.join(ROOT, "tests", "row_dots_harness.cpp")]
+    srcs = [os.path.join(ROOT, "csrc", "cpu", f) for f in ("row_dots.cpp", "row_dots_f16c.cpp")]
+    srcs.append(os.path.join(ROOT, "tests", "row_dots_harness.cpp"))
     subprocess.run(
         [CXX, "-O2", "-std=c++17", "-shared", "-fPIC", "-I", os.path.join(ROOT, "csrc"), *srcs, "-o", str(so)],
         check=True,
@@ -51,7 +53,9 @@ def _row_dots(lib, name, x, w):
 
 
 @pytest.mark.parametrize("flush_denormal", [False, True])
-@pytest.mark.parametrize("dtype,name", [(torch.bfloat16, "rd_bf16"), (torch.float16, "rd_f16")])
+@pytest.mark.parametrize(
+    "dtype,name", [(torch.bfloat16, "rd_bf16"), (torch.float16, "rd_f16"), (torch.float16, "rd_f16_portable")]
+)
 def test_every_16_bit_pattern_widens_exactly_in_every_lane(lib, dtype, name, flush_denormal):
     # Weight row j holds pattern j in lane j % 8 and zeros elsewhere; x row r is one-hot at column r, so
     # z[j % 8, j] = 1 * pattern_j + (0 * 0 terms): the widened pattern (a -0 pattern reads as +0).
@@ -78,7 +82,13 @@ def test_every_16_bit_pattern_widens_exactly_in_every_lane(lib, dtype, name, flu
 @pytest.mark.parametrize("n", [1, 3, 8])
 @pytest.mark.parametrize("d", [1, 7, 8, 61, 576])
 @pytest.mark.parametrize(
-    "dtype,name", [(torch.float32, "rd_f32"), (torch.bfloat16, "rd_bf16"), (torch.float16, "rd_f16")]
+    "dtype,name",
+    [
+        (torch.float32, "rd_f32"),
+        (torch.bfloat16, "rd_bf16"),
+        (torch.float16, "rd_f16"),
+        (torch.float16, "rd_f16_portable"),
+    ],
 )
 def test_matches_float64(lib, n, d, dtype, name):
     g = torch.Generator().manual_seed(n * 1000 + d)

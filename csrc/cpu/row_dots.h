@@ -24,5 +24,14 @@ void row_dots(const float* x, int64_t n, int64_t d, const float* w, int64_t ldw,
 void row_dots_bf16(const float* x, int64_t n, int64_t d, const uint16_t* w, int64_t ldw, int64_t nc, float* z);
 void row_dots_f16(const float* x, int64_t n, int64_t d, const uint16_t* w, int64_t ldw, int64_t nc, float* z);
 
+// The two float16 paths row_dots_f16 picks from at run time: F16C conversions (x86-64 with AVX2, FMA and
+// F16C: row_dots_f16c.cpp) or portable vector bit manipulation (any CPU). Exposed for tests.
+void row_dots_f16_portable(const float* x, int64_t n, int64_t d, const uint16_t* w, int64_t ldw, int64_t nc,
+                           float* z);
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+bool row_dots_f16c_available();
+void row_dots_f16c(const float* x, int64_t n, int64_t d, const uint16_t* w, int64_t ldw, int64_t nc, float* z);
+#endif
+
 }  // namespace cpu
 }  // namespace earlyexit
