@@ -8,29 +8,17 @@ it; the float32 path and the tails (d not a multiple of 8, 1-8 rows) are checked
 """
 
 import ctypes
-import os
-import shutil
-import subprocess
 
 import pytest
 import torch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CXX = shutil.which(os.environ.get("CXX", "c++"))
+from host_build import build_harness
 
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
-    if CXX is None:
-        pytest.skip("no C++ compiler")
-    so = tmp_path_factory.mktemp("row_dots") / "librow_dots.so"
-    srcs = [os.path.join(ROOT, "csrc", "cpu", f) for f in ("row_dots.cpp", "row_dots_f16c.cpp")]
-    srcs.append(os.path.join(ROOT, "tests", "row_dots_harness.cpp"))
-    subprocess.run(
-        [CXX, "-O2", "-std=c++17", "-shared", "-fPIC", "-I", os.path.join(ROOT, "csrc"), *srcs, "-o", str(so)],
-        check=True,
-    )
-    return ctypes.CDLL(str(so))
+    sources = ["csrc/cpu/row_dots.cpp", "csrc/cpu/row_dots_f16c.cpp", "tests/row_dots_harness.cpp"]
+    so = build_harness(tmp_path_factory.mktemp("row_dots") / "librow_dots.so", sources, shared=True)
+    return ctypes.CDLL(so)
 
 
 def _row_dots(lib, name, x, w):

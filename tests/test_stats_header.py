@@ -7,30 +7,18 @@ and slices see them, so the index tie-break and the order-free merge are exercis
 
 import ctypes
 import math
-import os
-import shutil
-import subprocess
 
 import pytest
 import torch
+from host_build import build_harness
 
 from earlyexit.reference import MEASURES, finalize_stats, softmax_stats
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CXX = shutil.which(os.environ.get("CXX", "c++"))
 
 
 @pytest.fixture(scope="module")
 def fold(tmp_path_factory):
-    if CXX is None:
-        pytest.skip("no C++ compiler")
-    lib = tmp_path_factory.mktemp("stats") / "libstats.so"
-    src = os.path.join(ROOT, "tests", "stats_harness.cpp")
-    subprocess.run(
-        [CXX, "-O2", "-std=c++17", "-shared", "-fPIC", "-I", os.path.join(ROOT, "csrc"), src, "-o", str(lib)],
-        check=True,
-    )
-    f = ctypes.CDLL(str(lib)).fold
+    lib = build_harness(tmp_path_factory.mktemp("stats") / "libstats.so", ["tests/stats_harness.cpp"], shared=True)
+    f = ctypes.CDLL(lib).fold
     f.argtypes = [
         ctypes.c_void_p,
         ctypes.c_void_p,
