@@ -6,6 +6,11 @@ Providers (all in one run, same inputs):
   chunked    the eager function over row chunks, so the logits buffer stays bounded
   ee-<name>  each earlyexit backend that can run here (the Triton interpreter is never timed)
 
+Order: earlyexit's providers and the real head (d = 4096, V = 128256) first, torch.compile's cold
+compiles in a last pass, so a time-limited run prints the headline rows first. On CUDA the timed calls
+rotate over copies of the head whose total is at least 3x the L2 cache, so a head that fits in L2
+(d = 576, V = 49152 in bf16 is 56 MB) is read from DRAM as in a real decode step, not from L2.
+
 Reported per (provider, N, d, V): median ms, achieved GB/s (weight + hidden + outputs, the bytes a
 fused kernel must move) and TFLOP/s (2 N d V), the fraction of the roofline time
 max(bytes / copy bandwidth, flops / matmul rate) with both ceilings measured at the start of this
@@ -15,6 +20,7 @@ Usage: python benchmarks/bench_exit_check.py [--device cuda] [--set full|reduced
 """
 
 import argparse
+import itertools
 import os
 import sys
 
@@ -35,8 +41,8 @@ import earlyexit  # noqa: E402
 from earlyexit import backends  # noqa: E402
 
 HEADS = {
-    "full": [(576, 49152), (2048, 32000), (4096, 128256), (8192, 128256)],
-    "reduced": [(576, 49152), (4096, 128256)],
+    "full": [(4096, 128256), (8192, 128256), (2048, 32000), (576, 49152)],
+    "reduced": [(4096, 128256), (576, 49152)],
 }
 ROWS = {"full": [1, 8, 32, 64, 256, 1024, 4096], "reduced": [1, 8, 64, 1024]}
 CPU_HEADS = {"full": [(576, 49152), (2048, 32000)], "reduced": [(576, 49152)]}
@@ -66,19 +72,34 @@ def chunked_exit_stats(hidden, weight, norm_weight, budget_bytes=256 << 20):
 
 
 def providers(device):
-    # Default (automatic) dynamic shapes: one recompile marks N, another d and V dynamic, so the sweep
-    # costs about three compiles instead of one per shape (dynamic=False would recompile per shape and,
-    # past the recompile limit, silently fall back to eager).
-    compiled = torch.compile(eager_exit_stats)
-    out = {
-        "eager": eager_exit_stats,
-        "compile": compiled,
-        "chunked": chunked_exit_stats,
-    }
+    """Timed providers in the order they run: earlyexit's backends first, then eager and chunked."""
+    out = {}
     for name in backends.BACKENDS:
         if backends.unavailable_reason(name, device.type) is None and not (name == "triton" and device.type == "cpu"):
             out[f"ee-{name}"] = lambda h, w, g, _b=name: earlyexit.exit_check(h, w, 0.9, norm_weight=g, backend=_b)
+    out["eager"] = eager_exit_stats
+    out["chunked"] = chunked_exit_stats
     return out
+
+
+def compiled_providers():
+    """torch.compile of the eager function, timed in a last pass: its cold compiles take seconds each.
+
+    Default (automatic) dynamic shapes: one recompile marks N, another d and V dynamic, so the sweep costs
+    about three compiles instead of one per shape (dynamic=False would recompile per shape and, past the
+    recompile limit, silently fall back to eager).
+    """
+    return {"compile": torch.compile(eager_exit_stats)}
+
+
+def head_copies(weight, device):
+    """The head and enough copies of it that cycling through them never hits in L2 (CUDA only)."""
+    if device.type != "cuda":
+        return [weight]
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    nbytes = weight.numel() * weight.element_size()
+    count = max(1, -(-3 * l2 // nbytes))
+    return [weight] + [weight.clone() for _ in range(count - 1)]
 
 
 def extra_memory(fn, device):
@@ -92,6 +113,28 @@ def extra_memory(fn, device):
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
+def measure_shape(provs, device, weights, norm_weight, hidden, only):
+    """Median ms and extra MiB of each provider on one shape, the calls rotating over ``weights``."""
+    out = {}
+    for name, fn in provs.items():
+        if only and name not in only:
+            continue
+        turn = itertools.cycle(weights)
+
+        def call(fn=fn, turn=turn):
+            return fn(hidden, next(turn), norm_weight)
+
+        try:
+            ms = time_fn(call, device, cuda_graph=device.type == "cuda" and hidden.shape[0] <= 64)
+            mem = extra_memory(call, device)
+        except torch.OutOfMemoryError:
+            print(f"  {name} N={hidden.shape[0]} d={hidden.shape[1]} V={weights[0].shape[0]}: out of memory")
+            torch.cuda.empty_cache()
+            continue
+        out[name] = (ms, mem)
+    return out
+
+
 def run(device, dtype, heads, rows, only=None):
     env = environment(device)
     bw = copy_bandwidth(device)
@@ -99,53 +142,47 @@ def run(device, dtype, heads, rows, only=None):
     print(f"# {env['device']}  torch {env['torch']}  triton {env['triton']}  cuda {env['cuda']}  {env['date']}")
     print(f"# ceilings measured now: copy {bw:.1f} GB/s, {str(dtype).split('.')[-1]} matmul {rate:.2f} TFLOP/s")
     table = []
-    provs = providers(device)
     elt = torch.tensor([], dtype=dtype).element_size()
-    for d, v in heads:
-        weight = (torch.randn(v, d, device=device) / d**0.5).to(dtype)
-        norm_weight = (torch.rand(d, device=device) + 0.5).to(dtype)
-        for n in rows:
-            hidden = torch.randn(n, d, device=device).to(dtype)
-            nbytes = (v * d + n * d) * elt + n * (8 + 1 + 5 * 4)
-            flops = 2 * n * d * v
-            floor_ms = max(nbytes / bw / 1e6, flops / rate / 1e9)
-            results = {}
-            for name, fn in provs.items():
-                if only and name not in only:
-                    continue
-                call = lambda fn=fn, h=hidden, w=weight, g=norm_weight: fn(h, w, g)  # noqa: E731
-                try:
-                    ms = time_fn(call, device, cuda_graph=device.type == "cuda" and n <= 64)
-                    mem = extra_memory(call, device)
-                except torch.OutOfMemoryError:
-                    print(f"  {name} N={n} d={d} V={v}: out of memory")
-                    torch.cuda.empty_cache()
-                    continue
-                results[name] = ms
-                table.append(
-                    dict(
-                        provider=name,
-                        N=n,
-                        d=d,
-                        V=v,
-                        head=f"d={d} V={v}",
-                        dtype=str(dtype).split(".")[-1],
-                        ms=ms,
-                        GBps=nbytes / ms / 1e6,
-                        TFLOPs=flops / ms / 1e9,
-                        roofline_frac=floor_ms / ms,
-                        extra_MiB=mem,
-                        copy_GBps=bw,
-                        matmul_TFLOPs=rate,
-                        **env,
+    eager_ms = {}
+    for provs in (providers(device), compiled_providers()):
+        for d, v in heads:
+            weights = head_copies((torch.randn(v, d, device=device) / d**0.5).to(dtype), device)
+            norm_weight = (torch.rand(d, device=device) + 0.5).to(dtype)
+            for n in rows:
+                hidden = torch.randn(n, d, device=device).to(dtype)
+                nbytes = (v * d + n * d) * elt + n * (8 + 1 + 5 * 4)
+                flops = 2 * n * d * v
+                floor_ms = max(nbytes / bw / 1e6, flops / rate / 1e9)
+                measured = measure_shape(provs, device, weights, norm_weight, hidden, only)
+                if "eager" in measured:
+                    eager_ms[(n, d, v)] = measured["eager"][0]
+                shape_rows = []
+                for name, (ms, mem) in measured.items():
+                    base = eager_ms.get((n, d, v))
+                    shape_rows.append(
+                        dict(
+                            provider=name,
+                            N=n,
+                            d=d,
+                            V=v,
+                            head=f"d={d} V={v}",
+                            dtype=str(dtype).split(".")[-1],
+                            ms=ms,
+                            GBps=nbytes / ms / 1e6,
+                            TFLOPs=flops / ms / 1e9,
+                            roofline_frac=floor_ms / ms,
+                            speedup_vs_eager=base / ms if base else None,
+                            extra_MiB=mem,
+                            copy_GBps=bw,
+                            matmul_TFLOPs=rate,
+                            **env,
+                        )
                     )
-                )
-            shape_rows = [r for r in table if r["N"] == n and r["d"] == d and r["V"] == v]
-            for r in shape_rows:
-                if "eager" in results:
-                    r["speedup_vs_eager"] = results["eager"] / r["ms"]
-            # Printed as measured, so a run cut short by a time limit still leaves its numbers.
-            print(format_table(shape_rows, COLUMNS), flush=True)
+                table += shape_rows
+                # Printed as measured, so a run cut short by a time limit still leaves its numbers.
+                if shape_rows:
+                    print(format_table(shape_rows, COLUMNS), flush=True)
+            del weights
     return table
 
 

@@ -1,22 +1,26 @@
-"""Every CUDA kernel path of earlyexit._C once, at small shapes, for compute-sanitizer.
+"""Every GPU kernel path of earlyexit once, at small shapes, for compute-sanitizer.
 
-gpu_check.sh runs it under `compute-sanitizer --tool memcheck` (out-of-bounds and misaligned accesses)
-and `--tool racecheck` (shared-memory hazards: the decode kernels reuse their staging buffer for the
-merge). Each call is also compared with the PyTorch reference, so a run without the sanitizer is a
-quick correctness smoke test. Exit status 1 on any mismatch.
+Both GPU backends: the CUDA kernels of earlyexit._C (decode FMA and tensor-core kernels, the chunked
+cuBLAS path, compaction) and the Triton kernels (what "auto" picks on CUDA). gpu_check.sh runs it under
+`compute-sanitizer --tool memcheck` (out-of-bounds and misaligned accesses) and `--tool racecheck`
+(shared-memory hazards: the decode kernels reuse their staging buffer for the merge), instrumenting
+earlyexit's kernels only. Each call is also compared with the PyTorch reference, so a run without the
+sanitizer is a quick correctness smoke test. Exit status 1 on any mismatch.
 
-Usage: python benchmarks/sanitize_cuda.py
+Usage: python benchmarks/sanitize_cuda.py [--backends cuda,triton]
 """
 
+import argparse
 import math
 import sys
 
 import torch
 
-from earlyexit import compact, exit_check, partition_rows, scatter_rows
+from earlyexit import backends, compact, exit_check, partition_rows, scatter_rows
 
-# (dtype, N, d, V): FMA decode (fp32, misaligned), tensor-core decode (each token-tile width, resident
-# and K-chunked rows, partial tiles), chunked cuBLAS path (N > 64).
+# (dtype, N, d, V). CUDA: FMA decode (fp32, misaligned), tensor-core decode (each token-tile width,
+# resident and K-chunked rows, partial tiles), chunked cuBLAS path (N > 64). Triton: each row-block size,
+# a partial last tile, several splits and the chunked merge of their partials.
 CASES = [
     (torch.float32, 3, 72, 1001),
     (torch.bfloat16, 1, 4096, 3001),
@@ -24,10 +28,11 @@ CASES = [
     (torch.bfloat16, 17, 4104, 2000),
     (torch.bfloat16, 64, 2048, 1999),
     (torch.bfloat16, 100, 256, 3000),
+    (torch.bfloat16, 1, 256, 40000),
 ]
 
 
-def check_exit(dtype, n, d, v, misaligned=False):
+def check_exit(backend, dtype, n, d, v, misaligned=False):
     g = torch.Generator(device="cuda").manual_seed(n * 7 + d)
     hidden = (torch.randn(n, d + 8, device="cuda", generator=g) * 2).to(dtype)
     hidden = hidden[:, 1 : d + 1] if misaligned else hidden[:, :d]
@@ -35,37 +40,46 @@ def check_exit(dtype, n, d, v, misaligned=False):
     norm = torch.rand(d, device="cuda", generator=g) + 0.5
     bias = torch.randn(v, device="cuda", generator=g).to(dtype)
     thr = torch.rand(n, device="cuda", generator=g)
-    got = exit_check(hidden, weight, thr, norm_weight=norm, bias=bias, backend="cuda")
+    got = exit_check(hidden, weight, thr, norm_weight=norm, bias=bias, backend=backend)
     ref = exit_check(hidden, weight, thr, norm_weight=norm, bias=bias, backend="torch")
     torch.cuda.synchronize()
     # Tokens may differ only on near-ties (float32 summation order differs between the two).
     tokens_ok = bool(((got.token == ref.token) | (ref.margin < 1e-2)).all())
     ok = tokens_ok and torch.allclose(got.max_prob, ref.max_prob, atol=2e-2)
     name = str(dtype).split(".")[-1]
-    print(f"exit_check {name} N={n} d={d} V={v} misaligned={misaligned}: {'ok' if ok else 'MISMATCH'}")
+    print(f"exit_check {backend} {name} N={n} d={d} V={v} misaligned={misaligned}: {'ok' if ok else 'MISMATCH'}")
     return ok
 
 
-def check_compaction():
+def check_compaction(backend):
     keep = torch.rand(300, device="cuda") < 0.4
     x = torch.randn(300, 33, device="cuda")
     ids = torch.arange(300, device="cuda")
-    (xk, ik), rows = compact(keep, x, ids, backend="cuda")
-    parts, _, _ = partition_rows(keep, x, ids, backend="cuda")
+    (xk, ik), rows = compact(keep, x, ids, backend=backend)
+    parts, _, _ = partition_rows(keep, x, ids, backend=backend)
     out = torch.zeros_like(x)
-    scatter_rows(out, rows, xk, backend="cuda")
+    scatter_rows(out, rows, xk, backend=backend)
     torch.cuda.synchronize()
     ok = torch.equal(xk, x[keep]) and torch.equal(parts[1][: int(keep.sum())], ids[keep])
     ok = ok and torch.equal(out[keep], x[keep]) and bool((out[~keep] == 0).all())
-    print(f"compaction: {'ok' if ok else 'MISMATCH'}")
+    print(f"compaction {backend}: {'ok' if ok else 'MISMATCH'}")
     return ok
 
 
-def main():
-    results = [check_exit(*case) for case in CASES]
-    results.append(check_exit(torch.bfloat16, 5, 64, 999, misaligned=True))
-    results.append(check_compaction())
-    return 0 if all(results) else 1
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backends", default="cuda,triton", help="comma-separated GPU backends to check")
+    args = p.parse_args(argv)
+    results = []
+    for backend in args.backends.split(","):
+        reason = backends.unavailable_reason(backend, "cuda")
+        if reason is not None:
+            print(f"{backend}: skipped ({reason})")
+            continue
+        results += [check_exit(backend, *case) for case in CASES]
+        results.append(check_exit(backend, torch.bfloat16, 5, 64, 999, misaligned=True))
+        results.append(check_compaction(backend))
+    return 0 if results and all(results) else 1
 
 
 if __name__ == "__main__":

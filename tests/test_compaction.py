@@ -259,6 +259,23 @@ def test_partition_rows_never_synchronizes(backend):
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_runs_on_the_tensors_device_not_the_current_one(backend):
+    """Triton launches on the current device: the launchers must switch to the tensors' device."""
+    if earlyexit.backends.unavailable_reason(backend, "cuda"):
+        pytest.skip(earlyexit.backends.unavailable_reason(backend, "cuda"))
+    keep = torch.rand(300, device="cuda:1") < 0.5
+    x = torch.randn(300, 40, device="cuda:1")
+    with torch.cuda.device(0):
+        (xk,), index = compact(keep, x, backend=backend)
+        (xp,), perm, count = partition_rows(keep, x, backend=backend)
+        dest = torch.zeros_like(x)
+        scatter_rows(dest, index, xk, backend=backend)
+    assert torch.equal(xk, x[keep]) and torch.equal(xp[: int(count)], x[keep]) and torch.equal(dest[keep], x[keep])
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input
 # --------------------------------------------------------------------------------------------

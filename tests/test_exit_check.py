@@ -276,6 +276,22 @@ def test_cuda_graph_capture_and_replay(backend, n):
             assert torch.equal(got_field.nan_to_num(), want_field.nan_to_num())
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_runs_on_the_tensors_device_not_the_current_one(backend):
+    """Triton launches on the current device: the launcher must switch to the tensors' device."""
+    if earlyexit.backends.unavailable_reason(backend, "cuda"):
+        pytest.skip(earlyexit.backends.unavailable_reason(backend, "cuda"))
+    hidden, weight, norm_weight, b = make_inputs(5, 256, 3000, torch.bfloat16, "cuda:1")
+    with torch.cuda.device(0):
+        got = exit_check(hidden, weight, 0.5, norm_weight=norm_weight, bias=b, backend=backend)
+    with torch.cuda.device(1):
+        want = exit_check(hidden, weight, 0.5, norm_weight=norm_weight, bias=b, backend=backend)
+    for got_field, want_field in zip(got, want):
+        assert got_field.device == hidden.device and torch.equal(got_field.nan_to_num(), want_field.nan_to_num())
+
+
 def test_errors_name_the_argument():
     h, w, g, b = make_inputs(3, 8, 11, torch.float32, "cpu")
     cases = [

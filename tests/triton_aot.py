@@ -58,6 +58,8 @@ def compile_exit_check(dtype, n_rows, arch, d=4096, v=128256):
         BLOCK_N=cfg["BLOCK_N"],
         BLOCK_V=cfg["BLOCK_V"],
         BLOCK_D=cfg["BLOCK_D"],
+        # The widest merge tile a GPU launch uses (over 64 splits at decode sizes): it must not spill either.
+        MERGE_BLOCK=64,
     )
     names = exit_check_kernel.arg_names
     signature = {}

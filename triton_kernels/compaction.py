@@ -22,6 +22,8 @@ writes N rows (+ 8 N for perm); scatter reads K rows and writes K rows (+ 8 K in
 import triton
 import triton.language as tl
 
+from earlyexit.triton_kernels.device import on_device, sm_count
+
 
 @triton.jit
 def _copy_rows(
@@ -142,19 +144,10 @@ def scatter_rows_kernel(
 # Launch configuration
 # --------------------------------------------------------------------------------------------
 
-_SM_COUNT = {}
-
 
 def _target_programs(device, interpret):
-    if interpret:
-        # numpy underneath: a handful of programs, enough to exercise the multi-program scan.
-        return 4
-    key = device.index if device.index is not None else 0
-    if key not in _SM_COUNT:
-        import torch
-
-        _SM_COUNT[key] = torch.cuda.get_device_properties(key).multi_processor_count
-    return 4 * _SM_COUNT[key]
+    # Interpreter (numpy underneath): a handful of programs, enough to exercise the multi-program scan.
+    return 4 if interpret else 4 * sm_count(device)
 
 
 def block_config(interpret):
@@ -194,25 +187,26 @@ def compaction_triton(keep, srcs, dsts, index, count, partition, interpret):
             count.zero_()
         return
     cfg = launch_config(n, max((s.shape[1] for s in srcs), default=0), keep.device, interpret)
-    compaction_kernel[cfg["grid"]](
-        keep,
-        index,
-        count if count is not None else index,
-        tuple(srcs),
-        tuple(dsts),
-        tuple(s.stride(0) for s in srcs),
-        tuple(d.stride(0) for d in dsts),
-        tuple(s.shape[1] for s in srcs),
-        n,
-        cfg["rows_per_program"],
-        cfg["grid"][1],
-        NUM_TENSORS=len(srcs),
-        PARTITION=partition,
-        BLOCK_ROWS=cfg["BLOCK_ROWS"],
-        BLOCK_WORDS=cfg["BLOCK_WORDS"],
-        SCAN_BLOCK=cfg["SCAN_BLOCK"],
-        num_warps=cfg["num_warps"],
-    )
+    with on_device(keep.device):
+        compaction_kernel[cfg["grid"]](
+            keep,
+            index,
+            count if count is not None else index,
+            tuple(srcs),
+            tuple(dsts),
+            tuple(s.stride(0) for s in srcs),
+            tuple(d.stride(0) for d in dsts),
+            tuple(s.shape[1] for s in srcs),
+            n,
+            cfg["rows_per_program"],
+            cfg["grid"][1],
+            NUM_TENSORS=len(srcs),
+            PARTITION=partition,
+            BLOCK_ROWS=cfg["BLOCK_ROWS"],
+            BLOCK_WORDS=cfg["BLOCK_WORDS"],
+            SCAN_BLOCK=cfg["SCAN_BLOCK"],
+            num_warps=cfg["num_warps"],
+        )
 
 
 def scatter_rows_triton(dest, index, src, interpret):
@@ -221,18 +215,19 @@ def scatter_rows_triton(dest, index, src, interpret):
     if k == 0:
         return
     cfg = launch_config(k, src.shape[1], dest.device, interpret)
-    scatter_rows_kernel[cfg["grid"]](
-        dest,
-        index,
-        src,
-        k,
-        dest.shape[0],
-        src.shape[1],
-        dest.stride(0),
-        src.stride(0),
-        cfg["rows_per_program"],
-        cfg["grid"][1],
-        BLOCK_ROWS=cfg["BLOCK_ROWS"],
-        BLOCK_WORDS=cfg["BLOCK_WORDS"],
-        num_warps=cfg["num_warps"],
-    )
+    with on_device(dest.device):
+        scatter_rows_kernel[cfg["grid"]](
+            dest,
+            index,
+            src,
+            k,
+            dest.shape[0],
+            src.shape[1],
+            dest.stride(0),
+            src.stride(0),
+            cfg["rows_per_program"],
+            cfg["grid"][1],
+            BLOCK_ROWS=cfg["BLOCK_ROWS"],
+            BLOCK_WORDS=cfg["BLOCK_WORDS"],
+            num_warps=cfg["num_warps"],
+        )

@@ -8,8 +8,9 @@ them to a small workspace: O(N * splits) floats, never the [N, V] logits.
 
 Merging the partials happens in the same launch: after writing, each program bumps an atomic
 counter for its row block; the program that sees it reach n_splits - 1 (the last to finish)
-re-reads all partials in split order 0, 1, ... and merges them. The fixed order makes the result
-bitwise deterministic whichever program finishes last. A second merge kernel would cost a launch
+re-reads all partials and merges them as tile reductions over chunks of splits (never one dependent
+L2 round trip per split). The fixed reduction order makes the result bitwise deterministic whichever
+program finishes last. A second merge kernel would cost a launch
 (~3-5 us at decode batch sizes, where the whole call is ~250 us for a 1 GiB head) for no gain, so
 the last-program pattern is used. That program also resets its counter to zero, so the counter
 buffer is allocated once per (device, stream) and never memset per call.
@@ -21,6 +22,8 @@ N*d*elt for the hidden rows, re-read from L2 for every vocabulary tile; O(N * sp
 import torch
 import triton
 import triton.language as tl
+
+from earlyexit.triton_kernels.device import device_index, on_device, sm_count
 
 MEASURE_CODES = {"max_prob": 0, "margin": 1, "entropy": 2}
 # Partial fields per row: m, s, t, top1, top2, non-finite count (a constexpr global: usable in kernels).
@@ -50,6 +53,51 @@ def _empty_stats(BLOCK_N: tl.constexpr):
     neg = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     zero = tl.zeros([BLOCK_N], dtype=tl.float32)
     return neg, zero, zero, neg, tl.zeros([BLOCK_N], dtype=tl.int32), neg
+
+
+@triton.jit
+def _merge_partials(PART_F, PART_I, pid_n, n_splits, BLOCK_N: tl.constexpr, MERGE_BLOCK: tl.constexpr):
+    """Merge the n_splits partials of row block pid_n, MERGE_BLOCK splits at a time as one tile reduction.
+
+    A serial loop over the splits would put n_splits dependent L2 round trips on the critical path of the
+    call; here each chunk of splits is loaded at once ([MERGE_BLOCK, BLOCK_N] per field) and reduced along
+    the split axis. Ties on the top-1 value go to the lowest vocabulary index explicitly (splits hold
+    increasing columns), and the second value counts the other splits' top-1 values (duplicates count).
+    Reductions run in a fixed order for a fixed configuration, so the result stays bitwise deterministic.
+    Returns (m, s, t, top1, idx, top2, bad), each [BLOCK_N].
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_s = tl.arange(0, MERGE_BLOCK)
+    m, s, t, top1, idx, top2 = _empty_stats(BLOCK_N)
+    bad = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for s0 in range(0, n_splits, MERGE_BLOCK):
+        sp = s0 + offs_s
+        ok = (sp < n_splits)[:, None]
+        slot = (pid_n * n_splits + sp).to(tl.int64)
+        pf = PART_F + slot[:, None] * (_N_FIELDS * BLOCK_N) + offs_n[None, :]
+        # .cg: read through L2, where the other programs' stores landed, never a stale L1 line.
+        bm = tl.load(pf + 0 * BLOCK_N, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        bs = tl.load(pf + 1 * BLOCK_N, mask=ok, other=0.0, cache_modifier=".cg")
+        bt = tl.load(pf + 2 * BLOCK_N, mask=ok, other=0.0, cache_modifier=".cg")
+        b1 = tl.load(pf + 3 * BLOCK_N, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        b2 = tl.load(pf + 4 * BLOCK_N, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        bad += tl.sum(tl.load(pf + 5 * BLOCK_N, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
+        bi = tl.load(
+            PART_I + slot[:, None] * BLOCK_N + offs_n[None, :], mask=ok, other=2147483647, cache_modifier=".cg"
+        )
+        cm = tl.max(bm, axis=0)
+        cm_safe = tl.where(cm == float("-inf"), 0.0, cm)
+        # s == 0 means "nothing finite seen" (m = -inf): such splits add nothing, and never 0 * (-inf).
+        seen = bs > 0
+        alpha = tl.where(seen, tl.exp(bm - cm_safe[None, :]), 0.0)
+        cs = tl.sum(alpha * bs, axis=0)
+        ct = tl.sum(tl.where(seen, alpha * (bt + bs * (bm - cm_safe[None, :])), 0.0), axis=0)
+        c1 = tl.max(b1, axis=0)
+        ci = tl.min(tl.where(b1 == c1[None, :], bi, 2147483647), axis=0)
+        winner = (b1 == c1[None, :]) & (bi == ci[None, :])
+        c2 = tl.maximum(tl.max(b2, axis=0), tl.max(tl.where(winner, float("-inf"), b1), axis=0))
+        m, s, t, top1, idx, top2 = _merge(m, s, t, top1, idx, top2, cm, cs, ct, c1, ci, c2)
+    return m, s, t, top1, idx, top2, bad
 
 
 @triton.jit
@@ -86,6 +134,7 @@ def exit_check_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    MERGE_BLOCK: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -164,21 +213,7 @@ def exit_check_kernel(
     tl.debug_barrier()
     done = tl.atomic_add(COUNTER + pid_n, 1, sem="acq_rel")
     if done == n_splits - 1:
-        m, s, t, top1, idx, top2 = _empty_stats(BLOCK_N)
-        bad = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for sp in range(0, n_splits):
-            slot = (pid_n * n_splits + sp).to(tl.int64)
-            pf = PART_F + slot * (_N_FIELDS * BLOCK_N) + offs_n
-            # .cg: read through L2, where the other programs' stores landed, never a stale L1 line.
-            bm = tl.load(pf + 0 * BLOCK_N, cache_modifier=".cg")
-            bs = tl.load(pf + 1 * BLOCK_N, cache_modifier=".cg")
-            bt = tl.load(pf + 2 * BLOCK_N, cache_modifier=".cg")
-            b1 = tl.load(pf + 3 * BLOCK_N, cache_modifier=".cg")
-            b2 = tl.load(pf + 4 * BLOCK_N, cache_modifier=".cg")
-            bad += tl.load(pf + 5 * BLOCK_N, cache_modifier=".cg")
-            bi = tl.load(PART_I + slot * BLOCK_N + offs_n, cache_modifier=".cg")
-            m, s, t, top1, idx, top2 = _merge(m, s, t, top1, idx, top2, bm, bs, bt, b1, bi, b2)
-
+        m, s, t, top1, idx, top2, bad = _merge_partials(PART_F, PART_I, pid_n, n_splits, BLOCK_N, MERGE_BLOCK)
         log_s = tl.log(s)
         lse = m + log_s
         entropy = log_s - t / s
@@ -214,17 +249,7 @@ def exit_check_kernel(
 # Launch configuration
 # --------------------------------------------------------------------------------------------
 
-_SM_COUNT = {}
 _COUNTERS = {}
-
-
-def _sm_count(device):
-    if device.type != "cuda":
-        return 1
-    key = device.index if device.index is not None else torch.cuda.current_device()
-    if key not in _SM_COUNT:
-        _SM_COUNT[key] = torch.cuda.get_device_properties(key).multi_processor_count
-    return _SM_COUNT[key]
 
 
 def _counter(device, n):
@@ -237,7 +262,7 @@ def _counter(device, n):
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return torch.zeros(n, dtype=torch.int32, device=device)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
+    key = (device_index(device) if device.type == "cuda" else -1, stream)
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < n:
         buf = torch.zeros(max(n, 64) if buf is None else max(n, 2 * buf.numel()), dtype=torch.int32, device=device)
@@ -252,8 +277,9 @@ def _pow2_at_least(x, lo):
 def exit_check_config(n, d, v, dtype, device, interpret):
     """Block sizes and split count for one call, from (row bucket, d, V, dtype).
 
-    Returns a dict with BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages, n_splits, tiles_per_split.
-    BLOCK_N is at least 16, the MMA minimum; nothing assumes d or V are powers of two.
+    Returns a dict with BLOCK_N, BLOCK_V, BLOCK_D, MERGE_BLOCK, num_warps, num_stages, n_splits,
+    tiles_per_split. BLOCK_N is at least 16, the MMA minimum; nothing assumes d or V are powers of two.
+    MERGE_BLOCK splits are merged per step of the final reduction.
     """
     block_n = 16 if n <= 16 else (32 if n <= 32 else 64)
     if interpret:
@@ -267,16 +293,19 @@ def exit_check_config(n, d, v, dtype, device, interpret):
         block_d = 64 if dtype != torch.float32 else 32
         num_warps = 4 if block_n <= 32 else 8
         num_stages = 4 if dtype != torch.float32 else 3
-        target_programs = 2 * _sm_count(device)
+        target_programs = 2 * sm_count(device)
     row_blocks = triton.cdiv(n, block_n)
     tiles = triton.cdiv(v, block_v)
     n_splits = max(1, min(tiles, triton.cdiv(target_programs, row_blocks)))
     tiles_per_split = triton.cdiv(tiles, n_splits)
     n_splits = triton.cdiv(tiles, tiles_per_split)  # no empty splits
+    # Interpreter: 2, so the test shapes' three splits take a full and a masked chunk.
+    merge_block = 2 if interpret else min(64, _pow2_at_least(n_splits, 2))
     return dict(
         BLOCK_N=block_n,
         BLOCK_V=block_v,
         BLOCK_D=block_d,
+        MERGE_BLOCK=merge_block,
         num_warps=num_warps,
         num_stages=num_stages,
         n_splits=n_splits,
@@ -301,36 +330,38 @@ def exit_check_triton(hidden, weight, threshold, norm_weight, bias, measure, nor
         (row_blocks, cfg["n_splits"], _N_FIELDS.value, cfg["BLOCK_N"]), dtype=torch.float32, device=hidden.device
     )
     part_i = torch.empty((row_blocks, cfg["n_splits"], cfg["BLOCK_N"]), dtype=torch.int32, device=hidden.device)
-    counter = _counter(hidden.device, row_blocks)
     upcast = interpret and hidden.dtype == torch.bfloat16
-    exit_check_kernel[(row_blocks, cfg["n_splits"])](
-        hidden,
-        weight,
-        bias if bias is not None else hidden,
-        norm_weight if norm_weight is not None else hidden,
-        threshold,
-        *out,
-        part_f,
-        part_i,
-        counter,
-        n,
-        d,
-        v,
-        hidden.stride(0),
-        weight.stride(0),
-        cfg["tiles_per_split"],
-        cfg["n_splits"],
-        float(norm_eps),
-        float(temperature),
-        MEASURE=MEASURE_CODES[measure],
-        HAS_NORM=norm_weight is not None,
-        HAS_BIAS=bias is not None,
-        UPCAST_DOT=upcast,
-        DOT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32",
-        BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_V=cfg["BLOCK_V"],
-        BLOCK_D=cfg["BLOCK_D"],
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-    )
+    with on_device(hidden.device):
+        counter = _counter(hidden.device, row_blocks)
+        exit_check_kernel[(row_blocks, cfg["n_splits"])](
+            hidden,
+            weight,
+            bias if bias is not None else hidden,
+            norm_weight if norm_weight is not None else hidden,
+            threshold,
+            *out,
+            part_f,
+            part_i,
+            counter,
+            n,
+            d,
+            v,
+            hidden.stride(0),
+            weight.stride(0),
+            cfg["tiles_per_split"],
+            cfg["n_splits"],
+            float(norm_eps),
+            float(temperature),
+            MEASURE=MEASURE_CODES[measure],
+            HAS_NORM=norm_weight is not None,
+            HAS_BIAS=bias is not None,
+            UPCAST_DOT=upcast,
+            DOT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32",
+            BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_V=cfg["BLOCK_V"],
+            BLOCK_D=cfg["BLOCK_D"],
+            MERGE_BLOCK=cfg["MERGE_BLOCK"],
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+        )
     return out

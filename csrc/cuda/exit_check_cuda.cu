@@ -168,7 +168,7 @@ void launch_decode_rg(const cuda::Params<T>& p, const at::Tensor& like, cudaStre
   slices = (p.v + cols - 1) / cols;  // no empty slices
   PartialsBuffer part(like, static_cast<int64_t>(groups) * slices * RG);
   const at::Tensor counters = merge_counters(like, stream, groups);
-  kernel<<<dim3(static_cast<unsigned>(slices), static_cast<unsigned>(groups)), cuda::kThreads, smem, stream>>>(
+  kernel<<<dim3(static_cast<unsigned>(groups), static_cast<unsigned>(slices)), cuda::kThreads, smem, stream>>>(
       p, part.view, counters.data_ptr<int>(), cols);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -1,8 +1,9 @@
 // CUDA kernels of the fused exit check on raw pointers (no torch includes). Launchers: exit_check_cuda.cu.
 //
 // decode_kernel (N <= kDecodeMaxRows; float32, rows not 16-byte aligned, or GPUs before sm_80; the
-//   fp16/bf16 tensor-core decode kernel is exit_check_mma.cuh): one launch. Grid (vocabulary slices,
-//   row groups of RG rows).
+//   fp16/bf16 tensor-core decode kernel is exit_check_mma.cuh): one launch. Grid (row groups of RG rows,
+//   vocabulary slices): the row groups vary fastest, so the groups that share a weight slice are launched
+//   side by side and all but the first read it from L2, not DRAM.
 //   Each block keeps its RG normalized hidden rows in shared memory (rounded to the weight dtype at the
 //   reference's rounding point; 1/sqrtf may differ from torch.rsqrt by an ulp) and streams its slice of
 //   the head weight with 16-byte coalesced loads: one warp per vocabulary row, 32 lanes x 16 B = 512
@@ -11,8 +12,8 @@
 //   and lane r folds logit r into row r's online statistics. Warps, then slices, are merged in a fixed
 //   order: the last block of a row group to finish (atomic counter after a fence) merges every slice's
 //   partial and writes the outputs, then resets its counter for the next call. No [N, V] buffer.
-//   Bytes from DRAM: V*d*elt (weight, once; row groups after the first re-read it from L2 because
-//   blockIdx.x varies fastest and the groups of one slice run together) + N*d*elt per block from L2.
+//   Bytes from DRAM: V*d*elt (weight, once: the groups of one slice run together) + N*d*elt per block
+//   from L2.
 // normalize_kernel + chunk_stats_kernel (larger N): the launcher runs cuBLAS (float32 accumulation and
 //   output) on vocabulary chunks of [N, C] logits, C chosen so the chunk stays O(N * C) small, and
 //   chunk_stats_kernel reduces each chunk row (one block per row) into running statistics, finalizing
@@ -170,15 +171,15 @@ __device__ __forceinline__ void tree_merge(RowStats* red, int base, int j, int w
 }
 
 // The end of a decode kernel: thread r < nrows holds `mine`, its block's statistics of row row0 + r over
-// this block's vocabulary slice (blockIdx.x). Publishes them, and the last block of the row group to finish
+// this block's vocabulary slice `slice` of n_slices. Publishes them, and the last block of the row group to finish
 // (atomic counter after a fence) merges every slice's partial in a fixed order and writes the outputs,
 // then resets its counter for the next call. red: kBlock RowStats of shared memory, free for reuse.
 template <typename T, int RG, int kBlock>
 __device__ void finish_group(const Params<T>& p, const Partials& part, int* counters, RowStats* red,
-                             const RowStats& mine, int group, int nrows, const bool* row_finite) {
+                             const RowStats& mine, int group, int slice, int n_slices, int nrows,
+                             const bool* row_finite) {
   static_assert(kBlock % RG == 0 && ((kBlock / RG) & (kBlock / RG - 1)) == 0, "kBlock / RG: a power of two");
   __shared__ bool is_last;
-  const int slice = blockIdx.x, n_slices = gridDim.x;
   const int64_t row0 = static_cast<int64_t>(group) * RG;
   if (threadIdx.x < nrows) {
     const int64_t slot = (static_cast<int64_t>(group) * n_slices + slice) * RG + threadIdx.x;
@@ -231,7 +232,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ RowStats red[kThreads];       // warp partials, then the last block's merge tree
   __shared__ bool row_finite[RG];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int slice = blockIdx.x, group = blockIdx.y;
+  const int group = blockIdx.x, slice = blockIdx.y;
   const int64_t row0 = static_cast<int64_t>(group) * RG;
   const int nrows = static_cast<int>(p.n - row0 < RG ? p.n - row0 : RG);
   const int d = p.d;
@@ -287,7 +288,7 @@ __global__ void __launch_bounds__(kThreads)
     b = red[threadIdx.x];
     for (int w = 1; w < kWarps; ++w) merge_stats(b, red[w * RG + threadIdx.x]);
   }
-  finish_group<T, RG, kThreads>(p, part, counters, red, b, group, nrows, row_finite);
+  finish_group<T, RG, kThreads>(p, part, counters, red, b, group, slice, gridDim.y, nrows, row_finite);
 }
 
 // Larger N, step 1: one warp per row writes the normalized row (dtype T) and its finiteness.

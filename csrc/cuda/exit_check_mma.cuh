@@ -297,7 +297,8 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     mine = red[threadIdx.x];
     for (int w = 1; w < kMmaWarps; ++w) merge_stats(mine, red[w * NP + threadIdx.x]);
   }
-  finish_group<T, NP, kMmaThreads>(p, part, counters, red, mine, 0, p.n < NP ? p.n : NP, row_finite);
+  finish_group<T, NP, kMmaThreads>(p, part, counters, red, mine, 0, blockIdx.x, gridDim.x, p.n < NP ? p.n : NP,
+                                   row_finite);
 }
 
 }  // namespace cuda
