@@ -32,7 +32,7 @@ test: install $(VENV)/.smollm2
 	$(PY) -m pytest -q -rs tests
 
 demo: install $(VENV)/.smollm2
-	$(PY) -m earlyexit.cli demo
+	$(PY) -m earlyexit demo
 
 bench: install
 	$(PY) benchmarks/bench_exit_check.py

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_utils import copy_bandwidth, environment, format_table, time_fn, write_csv  # noqa: E402
 
 import earlyexit  # noqa: E402
-from earlyexit import backends  # noqa: E402
+from earlyexit.ops import backends  # noqa: E402
 
 
 def make_batch(n, d, device, seed=0):

@@ -38,7 +38,7 @@ from bench_utils import (  # noqa: E402
 )
 
 import earlyexit  # noqa: E402
-from earlyexit import backends  # noqa: E402
+from earlyexit.ops import backends  # noqa: E402
 
 HEADS = {
     "full": [(4096, 128256), (8192, 128256), (2048, 32000), (576, 49152)],

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_utils import environment, format_table, synchronize, write_csv  # noqa: E402
 
 from earlyexit import EarlyExitLM  # noqa: E402
-from earlyexit.calibrate import exit_scores  # noqa: E402
+from earlyexit.tuning.calibrate import exit_scores  # noqa: E402
 
 RATES = [0.0, 0.25, 0.5, 0.75]
 GPU_MODELS = {
@@ -167,7 +167,7 @@ def main(argv=None):
             del model
             torch.cuda.empty_cache()
     else:
-        from earlyexit.hf.smollm2 import load_smollm2
+        from earlyexit.apps.smollm2 import load_smollm2
 
         model, _ = load_smollm2()
         rows += bench_model(

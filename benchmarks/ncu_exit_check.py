@@ -12,7 +12,7 @@ Usage: python benchmarks/ncu_exit_check.py   (plain run: a quick smoke test of t
 import torch
 
 import earlyexit
-from earlyexit import backends
+from earlyexit.ops import backends
 
 
 def main():

@@ -17,10 +17,10 @@ import time
 import torch
 
 from earlyexit import EarlyExitLM, ExitAdapters, train_exit_adapters
-from earlyexit.calibrate import choose_thresholds, exit_scores_by_measure, report_for
-from earlyexit.hf.smollm2 import load_smollm2
-from earlyexit.teacher_forcing import collect_states
-from earlyexit.text_data import builtin_corpus, token_windows
+from earlyexit.apps.smollm2 import load_smollm2
+from earlyexit.tuning.calibrate import choose_thresholds, exit_scores_by_measure, report_for
+from earlyexit.tuning.teacher_forcing import collect_states
+from earlyexit.tuning.text_data import builtin_corpus, token_windows
 
 EXIT_LAYERS = [8, 12, 16, 20, 24]
 TARGETS = [0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995]

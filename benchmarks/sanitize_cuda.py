@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from earlyexit import backends, compact, exit_check, partition_rows, scatter_rows
+from earlyexit.ops import backends, compact, exit_check, exit_stats, partition_rows, scatter_rows
 
 # (dtype, N, d, V). CUDA: FMA decode (fp32, misaligned), tensor-core decode (each token-tile width,
 # resident and K-chunked rows, partial tiles), chunked cuBLAS path (N > 64). Triton: each row-block size,
@@ -48,7 +48,16 @@ def check_exit(backend, dtype, n, d, v, misaligned=False):
     ok = tokens_ok and torch.allclose(got.max_prob, ref.max_prob, atol=2e-2)
     name = str(dtype).split(".")[-1]
     print(f"exit_check {backend} {name} N={n} d={d} V={v} misaligned={misaligned}: {'ok' if ok else 'MISMATCH'}")
-    return ok
+    # The same kernels in their statistics mode (the merged statistics written instead of finalized).
+    stats = exit_stats(hidden, weight, norm_weight=norm, bias=bias, backend=backend)
+    ref_stats = exit_stats(hidden, weight, norm_weight=norm, bias=bias, backend="torch")
+    torch.cuda.synchronize()
+    stats_ok = bool(((stats.argmax == ref_stats.argmax) | (ref.margin < 1e-2)).all())
+    stats_ok = stats_ok and torch.equal(stats.invalid, ref_stats.invalid)
+    stats_ok = stats_ok and torch.allclose(stats.max_logit, ref_stats.max_logit, rtol=1e-2, atol=2e-2)
+    stats_ok = stats_ok and torch.allclose(stats.sum_exp, ref_stats.sum_exp, rtol=2e-2)
+    print(f"exit_stats {backend} {name} N={n} d={d} V={v} misaligned={misaligned}: {'ok' if stats_ok else 'MISMATCH'}")
+    return ok and stats_ok
 
 
 def check_compaction(backend):

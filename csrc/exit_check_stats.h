@@ -4,7 +4,8 @@
 //   m    running max (-inf when no finite logit was seen yet)
 //   s    sum exp(z - m)                 (0 when nothing was seen)
 //   t    sum exp(z - m) * (z - m)       (entropy numerator, relative to m)
-//   top1 largest logit, idx its lowest vocabulary index, top2 the second largest (duplicates count)
+//   top1 largest logit, idx its lowest vocabulary index, top2 the second largest (duplicates count);
+//        top1 == m unless a NaN/+inf logit was seen
 //   bad  a NaN or +inf logit was seen (the row will be invalid)
 // Merging is exact up to float rounding in any order for (top1, idx, top2): ties go to the lower index
 // explicitly, so partials over interleaved columns merge correctly. Kernels still merge in a fixed
@@ -22,7 +23,9 @@
 
 namespace earlyexit {
 
-enum Measure : int { kMaxProb = 0, kMargin = 1, kEntropy = 2 };
+// Statistic codes of the exit rule: code i is STATISTICS[i] of earlyexit/ops/measures.py, which owns the
+// measures (names, exit directions); the kernels only receive a code and a direction.
+enum Statistic : int { kMaxProb = 0, kMargin = 1, kEntropy = 2, kNumStatistics = 3 };
 
 // 32 bytes: bad sits in the padding before idx.
 struct RowStats {
@@ -108,9 +111,11 @@ struct RowResult {
   float confidence, max_prob, margin, entropy, lse;
 };
 
-// Final statistics of a row. hidden_finite: every element of the hidden row is finite.
+// Final statistics of a row. hidden_finite: every element of the hidden row is finite. The row exits when
+// its statistic is >= threshold (exit_above) or <= threshold (otherwise).
 // Invalid rows (non-finite hidden, a NaN/+inf logit, or no finite logit) give token -1, exit false, NaNs.
-EE_HD RowResult finalize_stats(const RowStats& a, bool hidden_finite, float threshold, int measure) {
+EE_HD RowResult finalize_stats(const RowStats& a, bool hidden_finite, float threshold, int statistic,
+                               bool exit_above) {
   const float log_s = logf(a.s);
   const float lse = a.m + log_s;
   const bool valid = hidden_finite && !a.bad && is_finite(lse);
@@ -121,21 +126,18 @@ EE_HD RowResult finalize_stats(const RowStats& a, bool hidden_finite, float thre
     r.confidence = r.max_prob = r.margin = r.entropy = r.lse = NAN;
     return r;
   }
+  // Probabilities from the sums relative to the max, never from exp(z - lse): lse rounds to the ulp of
+  // the logits' magnitude, which is far coarser than a probability's when the logits are large.
+  // One reciprocal rather than three divisions: each IEEE division brings a called slow path, and the
+  // extra call sites make ptxas spill in the FMA decode kernels.
   r.lse = lse;
-  r.entropy = log_s - a.t / a.s;
-  r.max_prob = expf(a.top1 - lse);
-  r.margin = r.max_prob - expf(a.top2 - lse);
+  const float inv_s = 1.f / a.s;
+  r.max_prob = inv_s;
+  r.margin = -expm1f(a.top2 - a.m) * inv_s;
+  r.entropy = log_s - a.t * inv_s;
   r.token = a.idx;
-  if (measure == kMaxProb) {
-    r.confidence = r.max_prob;
-    r.exit = r.max_prob >= threshold;
-  } else if (measure == kMargin) {
-    r.confidence = r.margin;
-    r.exit = r.margin >= threshold;
-  } else {
-    r.confidence = r.entropy;
-    r.exit = r.entropy <= threshold;
-  }
+  r.confidence = statistic == kMaxProb ? r.max_prob : statistic == kMargin ? r.margin : r.entropy;
+  r.exit = exit_above ? r.confidence >= threshold : r.confidence <= threshold;
   return r;
 }
 

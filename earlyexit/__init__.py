@@ -1,6 +1,8 @@
 """earlyexit: fused kernels for early-exit LLM inference.
 
-Public API: :func:`exit_check` and :class:`ExitResult` (fused exit-head confidence check),
+Public API: :func:`exit_check` and :class:`ExitResult` (fused exit-head confidence check), the
+statistics contract behind it: :func:`exit_stats`, :func:`merge_exit_stats`, :func:`finalize_exit_stats`
+and :class:`ExitStats` (vocabulary slices and shards; :mod:`earlyexit.distributed` for process groups),
 :func:`build_info` (what is built and which backends run here);
 ragged batch compaction: :func:`compact`, :func:`partition_rows`, :func:`scatter_rows`;
 :class:`EarlyExitLM` (early-exit generation for HuggingFace models; needs transformers, imported lazily);
@@ -9,19 +11,33 @@ exit heads for models never trained to exit: :func:`train_exit_adapters`, :class
 
 __version__ = "0.1.0"
 
-from earlyexit.adapters import ExitAdapters, train_exit_adapters  # noqa: E402
-from earlyexit.backends import build_info  # noqa: E402
-from earlyexit.calibrate import calibrate  # noqa: E402
-from earlyexit.ops import ExitResult, compact, exit_check, partition_rows, scatter_rows  # noqa: E402
+from earlyexit.ops import (  # noqa: E402
+    ExitResult,
+    ExitStats,
+    compact,
+    exit_check,
+    exit_stats,
+    finalize_exit_stats,
+    merge_exit_stats,
+    partition_rows,
+    scatter_rows,
+)
+from earlyexit.ops.backends import build_info  # noqa: E402
+from earlyexit.tuning.adapters import ExitAdapters, train_exit_adapters  # noqa: E402
+from earlyexit.tuning.calibrate import calibrate  # noqa: E402
 
 __all__ = [
     "EarlyExitLM",
     "ExitAdapters",
     "ExitResult",
+    "ExitStats",
     "build_info",
     "calibrate",
     "compact",
     "exit_check",
+    "exit_stats",
+    "finalize_exit_stats",
+    "merge_exit_stats",
     "partition_rows",
     "scatter_rows",
     "train_exit_adapters",

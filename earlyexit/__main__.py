@@ -1,5 +1,5 @@
-"""``python -m earlyexit``: the command line (see earlyexit.cli)."""
+"""``python -m earlyexit``: the command line (see earlyexit.apps.cli)."""
 
-from earlyexit.cli import main
+from earlyexit.apps.cli import main
 
 main()

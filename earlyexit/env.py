@@ -2,7 +2,7 @@
 
 import json
 
-from earlyexit.backends import build_info
+from earlyexit.ops.backends import build_info
 
 
 def format_build_info(info):

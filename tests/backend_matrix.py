@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from earlyexit import backends
+from earlyexit.ops import backends
 
 
 def runnable_backends():

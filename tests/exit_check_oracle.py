@@ -6,6 +6,8 @@ exceed the error of plain torch in the same dtype by at most tol(dtype).
 
 import torch
 
+from earlyexit.ops.measures import get_measure
+
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 STATS = ("max_prob", "margin", "entropy", "lse")
 
@@ -63,4 +65,4 @@ def assert_tokens_close(token, z_true, z_naive, rows, dtype):
 
 
 def expected_exit(conf, threshold, measure):
-    return conf <= threshold if measure == "entropy" else conf >= threshold
+    return get_measure(measure).exits(conf, threshold)

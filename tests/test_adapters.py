@@ -12,10 +12,10 @@ from tiny_models import tiny_causal_lm  # noqa: E402
 
 import earlyexit  # noqa: E402
 from earlyexit import EarlyExitLM, ExitAdapters, calibrate, train_exit_adapters  # noqa: E402
-from earlyexit.adapters import adapter_kl  # noqa: E402
-from earlyexit.calibrate import ExitScores, choose_thresholds, exit_scores, simulate  # noqa: E402
-from earlyexit.teacher_forcing import collect_states  # noqa: E402
-from earlyexit.text_data import token_windows  # noqa: E402
+from earlyexit.tuning.adapters import adapter_kl  # noqa: E402
+from earlyexit.tuning.calibrate import ExitScores, choose_thresholds, exit_scores, simulate  # noqa: E402
+from earlyexit.tuning.teacher_forcing import collect_states  # noqa: E402
+from earlyexit.tuning.text_data import token_windows  # noqa: E402
 
 EXITS = [2, 4]
 
@@ -143,7 +143,7 @@ def test_public_names():
 
 
 def test_calibrated_folder_round_trips(model, tmp_path):
-    from earlyexit.hf.calibrate_cmd import load_heads, save_thresholds
+    from earlyexit.apps.calibrate_cmd import load_heads, save_thresholds
 
     adapters = ExitAdapters(EXITS, 64, 300)
     eem = EarlyExitLM(model, EXITS, measure="margin", heads=adapters)
@@ -157,7 +157,7 @@ def test_calibrated_folder_round_trips(model, tmp_path):
 
 
 def test_one_pass_scores_every_measure(model):
-    from earlyexit.calibrate import exit_scores_by_measure, exit_scores_from_states
+    from earlyexit.tuning.calibrate import exit_scores_by_measure, exit_scores_from_states
 
     states, final = collect_states(model, EXITS, token_windows(_ids(256, 8), 32))
     together = exit_scores_by_measure(EarlyExitLM(model, EXITS), states, final)

@@ -221,8 +221,8 @@ def test_opcheck(backend, device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda", "auto"])
 def test_partition_rows_cuda_graph(backend):
-    if backend != "auto" and earlyexit.backends.unavailable_reason(backend, "cuda"):
-        pytest.skip(earlyexit.backends.unavailable_reason(backend, "cuda"))
+    if backend != "auto" and earlyexit.ops.backends.unavailable_reason(backend, "cuda"):
+        pytest.skip(earlyexit.ops.backends.unavailable_reason(backend, "cuda"))
     n = 300
     keep = torch.zeros(n, dtype=torch.bool, device="cuda")
     hidden = torch.randn(n, 4096, dtype=torch.bfloat16, device="cuda")
@@ -246,8 +246,8 @@ def test_partition_rows_cuda_graph(backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda", "auto"])
 def test_partition_rows_never_synchronizes(backend):
-    if backend != "auto" and earlyexit.backends.unavailable_reason(backend, "cuda"):
-        pytest.skip(earlyexit.backends.unavailable_reason(backend, "cuda"))
+    if backend != "auto" and earlyexit.ops.backends.unavailable_reason(backend, "cuda"):
+        pytest.skip(earlyexit.ops.backends.unavailable_reason(backend, "cuda"))
     keep = torch.rand(100, device="cuda") < 0.5
     hidden = torch.randn(100, 64, device="cuda")
     partition_rows(keep, hidden, backend=backend)  # warm up
@@ -264,8 +264,8 @@ def test_partition_rows_never_synchronizes(backend):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_runs_on_the_tensors_device_not_the_current_one(backend):
     """Triton launches on the current device: the launchers must switch to the tensors' device."""
-    if earlyexit.backends.unavailable_reason(backend, "cuda"):
-        pytest.skip(earlyexit.backends.unavailable_reason(backend, "cuda"))
+    if earlyexit.ops.backends.unavailable_reason(backend, "cuda"):
+        pytest.skip(earlyexit.ops.backends.unavailable_reason(backend, "cuda"))
     keep = torch.rand(300, device="cuda:1") < 0.5
     x = torch.randn(300, 40, device="cuda:1")
     with torch.cuda.device(0):

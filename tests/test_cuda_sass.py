@@ -13,7 +13,7 @@ import pytest
 from cuda_tools import cuobjdump
 
 import earlyexit
-from earlyexit import backends
+from earlyexit.ops import backends
 
 TOOL = cuobjdump()
 pytestmark = [

@@ -259,8 +259,8 @@ def test_torch_compile_fullgraph():
 def test_cuda_graph_capture_and_replay(backend, n):
     """Decode-time calls are captured in CUDA graphs: no host sync, no allocation or attribute call that
     capture forbids, and the merge counters stay consistent across replays."""
-    if earlyexit.backends.unavailable_reason(backend, "cuda"):
-        pytest.skip(earlyexit.backends.unavailable_reason(backend, "cuda"))
+    if earlyexit.ops.backends.unavailable_reason(backend, "cuda"):
+        pytest.skip(earlyexit.ops.backends.unavailable_reason(backend, "cuda"))
     hidden, weight, norm_weight, b = make_inputs(n, 256, 5000, torch.bfloat16, "cuda")
     thr = torch.full((n,), 0.01, device="cuda")
     exit_check(hidden, weight, thr, norm_weight=norm_weight, bias=b, backend=backend)  # warm up
@@ -281,8 +281,8 @@ def test_cuda_graph_capture_and_replay(backend, n):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_runs_on_the_tensors_device_not_the_current_one(backend):
     """Triton launches on the current device: the launcher must switch to the tensors' device."""
-    if earlyexit.backends.unavailable_reason(backend, "cuda"):
-        pytest.skip(earlyexit.backends.unavailable_reason(backend, "cuda"))
+    if earlyexit.ops.backends.unavailable_reason(backend, "cuda"):
+        pytest.skip(earlyexit.ops.backends.unavailable_reason(backend, "cuda"))
     hidden, weight, norm_weight, b = make_inputs(5, 256, 3000, torch.bfloat16, "cuda:1")
     with torch.cuda.device(0):
         got = exit_check(hidden, weight, 0.5, norm_weight=norm_weight, bias=b, backend=backend)

@@ -14,7 +14,9 @@ import torch
 from exit_check_oracle import TOL
 
 import earlyexit
-from earlyexit import backends, exit_check
+from earlyexit.ops import backends, exit_check
+from earlyexit.ops.measures import MEASURES, STATISTICS
+from earlyexit.ops.reference import exit_stats_reference, finalize_stats
 
 needs_ext = pytest.mark.skipif(backends.EXTENSION is None, reason="earlyexit._C is not built")
 FIELDS = earlyexit.ExitResult._fields
@@ -22,8 +24,15 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def run_op(hidden, weight, thr, norm_weight=None, bias=None, measure="max_prob", eps=1e-6, temperature=1.0):
-    out = torch.ops.earlyexit_C.exit_check(hidden, weight, thr, norm_weight, bias, measure, eps, temperature)
+    spec = MEASURES[measure]
+    out = torch.ops.earlyexit_C.exit_check(
+        hidden, weight, thr, norm_weight, bias, spec.code, spec.exit_above, eps, temperature
+    )
     return earlyexit.ExitResult(*out)
+
+
+def run_stats(hidden, weight, norm_weight=None, bias=None, eps=1e-6, temperature=1.0):
+    return earlyexit.ExitStats(*torch.ops.earlyexit_C.exit_stats(hidden, weight, norm_weight, bias, eps, temperature))
 
 
 def assert_matches_reference(res, hidden, weight, thr, norm_weight=None, bias=None, measure="max_prob", temp=1.0):
@@ -43,6 +52,33 @@ def assert_matches_reference(res, hidden, weight, thr, norm_weight=None, bias=No
 def _exit_flips_only_at_threshold(res, ref, thr, tol):
     flips = res.exit != ref.exit
     return bool(((ref.confidence[flips] - thr.reshape(-1)[flips]).abs() <= tol).all())
+
+
+def assert_stats_match_reference(stats, hidden, weight, norm_weight=None, bias=None, temp=1.0):
+    """exit_stats against the reference statistics (same rounding points) up to float32 summation order."""
+    ref = earlyexit.ExitStats(*exit_stats_reference(hidden, weight, norm_weight, bias, 1e-6, temp))
+    assert torch.equal(stats.invalid, ref.invalid)
+    ok = ~ref.invalid  # the other fields of an invalid row are unspecified
+    assert torch.equal(stats.argmax[ok], ref.argmax[ok])
+    tol = TOL[hidden.dtype]
+    for k in ("max_logit", "second_logit"):
+        torch.testing.assert_close(getattr(stats, k)[ok], getattr(ref, k)[ok], rtol=tol, atol=tol, msg=k)
+    torch.testing.assert_close(stats.sum_exp[ok], ref.sum_exp[ok], rtol=tol, atol=0, msg="sum_exp")
+    # sum_exp_z weighs each logit's error by its probability mass: bounded by sum_exp times a logit's error.
+    finite_max = torch.where(ref.max_logit.isfinite(), ref.max_logit, 0.0)[ok]
+    err = (stats.sum_exp_z[ok] - ref.sum_exp_z[ok]).abs()
+    assert (err <= tol * ref.sum_exp[ok] * (1 + finite_max.abs())).all(), "sum_exp_z"
+
+
+def assert_stats_finalize_to_exit_check(stats, res, thr, measure):
+    """The two ops run one kernel: the statistics exit_stats writes finalize (in Python) to what exit_check
+    finalized in C++, up to the last ulp of the two finalize codes."""
+    fin = earlyexit.ExitResult(*finalize_stats(tuple(stats), thr, measure))
+    assert torch.equal(fin.token, res.token)
+    assert torch.equal(fin.exit, res.exit) or _exit_flips_only_at_threshold(fin, res, thr, 1e-6)
+    for k in ("confidence", "max_prob", "margin", "entropy", "lse"):
+        a, b = getattr(fin, k), getattr(res, k)
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-6, equal_nan=True, msg=k)
 
 
 def test_cuda_kernels_compiled_when_toolkit_present():
@@ -70,9 +106,13 @@ def test_opcheck_cpp_op(dtype):
     hidden = torch.randn(5, 57).to(dtype)
     weight = torch.randn(300, 57).to(dtype)
     thr = torch.full((5,), 0.2)
+    margin = MEASURES["margin"]
     torch.library.opcheck(
         torch.ops.earlyexit_C.exit_check.default,
-        (hidden, weight, thr, torch.rand(57) + 0.5, torch.randn(300), "margin", 1e-6, 0.7),
+        (hidden, weight, thr, torch.rand(57) + 0.5, torch.randn(300), margin.code, margin.exit_above, 1e-6, 0.7),
+    )
+    torch.library.opcheck(
+        torch.ops.earlyexit_C.exit_stats.default, (hidden, weight, torch.rand(57) + 0.5, torch.randn(300), 1e-6, 0.7)
     )
 
 
@@ -96,10 +136,19 @@ def test_cpp_checks_name_the_problem():
         run_op(h, w, thr, bias=torch.randn(10))
     with pytest.raises(RuntimeError, match="norm_weight"):
         run_op(h, w, thr, norm_weight=torch.randn(16)[::2])
-    with pytest.raises(RuntimeError, match="measure"):
-        run_op(h, w, thr, measure="top1")
+    for statistic in (-1, len(STATISTICS), 2**32):
+        with pytest.raises(RuntimeError, match="statistic"):
+            torch.ops.earlyexit_C.exit_check(h, w, thr, None, None, statistic, True, 1e-6, 1.0)
     with pytest.raises(RuntimeError, match="temperature"):
         run_op(h, w, thr, temperature=0.0)
+    # exit_stats shares the head checks, and names itself.
+    for args, msg in [c for c in cases if c[1] != "threshold"]:
+        with pytest.raises(RuntimeError, match=f"exit_stats: .*{msg}"):
+            run_stats(*args[:2])
+    with pytest.raises(RuntimeError, match="exit_stats: bias"):
+        run_stats(h, w, bias=torch.randn(10))
+    with pytest.raises(RuntimeError, match="exit_stats: temperature"):
+        run_stats(h, w, temperature=-1.0)
 
 
 @needs_ext
@@ -116,6 +165,77 @@ def test_cpu_chunks_and_row_blocks(dtype, n, d, v):
     for measure in ("max_prob", "entropy"):
         res = exit_check(hidden, weight, thr, measure=measure, norm_weight=norm_weight, bias=bias, backend="cpu")
         assert_matches_reference(res, hidden, weight, thr, norm_weight, bias, measure)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("n,d,v", [(1, 64, 20000), (130, 24, 3001), (300, 17, 777)])
+def test_cpu_stats_chunks_and_row_blocks(dtype, n, d, v):
+    """exit_stats over several vocabulary chunks and row blocks; it finalizes to exit_check's outputs."""
+    hidden = (torch.randn(n, d) * 2).to(dtype)
+    if n > 1:
+        hidden[n // 2, 1] = math.nan
+    weight = torch.randn(v, d).to(dtype)
+    norm_weight = (torch.rand(d) + 0.5).to(torch.bfloat16)
+    bias = torch.randn(v).half()
+    bias[::5] = -math.inf
+    thr = torch.rand(n)
+    stats = run_stats(hidden, weight, norm_weight, bias, temperature=0.8)
+    assert stats.invalid.tolist() == [n > 1 and i == n // 2 for i in range(n)]
+    assert_stats_match_reference(stats, hidden, weight, norm_weight, bias, temp=0.8)
+    for measure in MEASURES:
+        res = run_op(hidden, weight, thr, norm_weight, bias, measure, temperature=0.8)
+        assert_stats_finalize_to_exit_check(stats, res, thr, measure)
+
+
+@needs_ext
+def test_cpu_stats_of_rows_without_a_finite_logit():
+    """A -inf bias on every column: valid statistics (max -inf, sums 0, argmax the first column), which
+    exit_check then finalizes as an invalid row. Several chunks of only -inf logits merge that way too."""
+    hidden = torch.randn(3, 16)
+    hidden[2, 0] = math.inf
+    weight = torch.randn(20000, 16)
+    stats = run_stats(hidden, weight, bias=torch.full((20000,), -math.inf))
+    assert stats.invalid.tolist() == [False, False, True]
+    for k in ("max_logit", "second_logit"):
+        assert (getattr(stats, k)[:2] == -math.inf).all(), k
+    assert stats.argmax[:2].tolist() == [0, 0]
+    assert (stats.sum_exp[:2] == 0).all() and (stats.sum_exp_z[:2] == 0).all()
+    res = run_op(hidden, weight, torch.zeros(3), bias=torch.full((20000,), -math.inf))
+    assert res.token.tolist() == [-1] * 3 and not res.exit.any()
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_cpu_tied_large_logits_finalize_exactly(dtype):
+    """Two tied logits at 20480 (exact in every dtype): max_prob 1/2, margin 0, entropy log 2 to float32
+    accuracy, which exp(max - lse) would miss by an ulp of lse."""
+    d, v = 64, 1000
+    hidden = torch.ones(2, d, dtype=dtype)
+    weight = torch.zeros(v, d, dtype=dtype)
+    weight[[17, 600]] = 320.0
+    weight[3] = 1.0
+    res = run_op(hidden, weight, torch.full((2,), 0.5))
+    assert res.token.tolist() == [17, 17] and res.exit.all()
+    assert ((res.max_prob - 0.5).abs() <= 1e-6).all() and (res.margin == 0).all()
+    assert ((res.entropy - math.log(2)).abs() <= 1e-6).all()
+
+
+@needs_ext
+@pytest.mark.parametrize("statistic", range(len(STATISTICS)), ids=STATISTICS)
+def test_exit_direction_is_an_argument(statistic):
+    """The op knows no measure: any statistic exits above or below the threshold as asked."""
+    hidden, weight = torch.randn(40, 32), torch.randn(500, 32)
+    thr = torch.rand(40) * 0.5
+    above, below = (
+        earlyexit.ExitResult(
+            *torch.ops.earlyexit_C.exit_check(hidden, weight, thr, None, None, statistic, up, 0.0, 1.0)
+        )
+        for up in (True, False)
+    )
+    value = getattr(above, STATISTICS[statistic])
+    assert torch.equal(above.confidence, value) and torch.equal(below.confidence, value)
+    assert torch.equal(above.exit, value >= thr) and torch.equal(below.exit, value <= thr)
 
 
 @needs_ext
@@ -256,10 +376,76 @@ def test_cuda_hostile_rows_ties_and_determinism(n, dtype):
 
 @pytest.mark.gpu
 @cuda_ready
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("n,d,v", [(1, 4096, 32000), (3, 57, 5003), (8, 96, 1000), (64, 2048, 32000), (65, 64, 3000)])
+def test_cuda_stats_match_reference(dtype, n, d, v):
+    """exit_stats on every CUDA path (FMA decode, tensor-core decode for fp16/bf16 with d % 8 == 0, chunked
+    cuBLAS for N > 64, and the FMA kernel again for a misaligned view); each finalizes to exit_check's outputs."""
+    hidden = (torch.randn(n, d + 8, device="cuda") * 2).to(dtype)[:, :d]
+    if n > 1:
+        hidden[n // 2, 1] = math.nan
+    weight = (torch.randn(v, d, device="cuda") / math.sqrt(d) * 4).to(dtype)
+    norm_weight = torch.rand(d, device="cuda") + 0.5
+    bias = torch.randn(v, device="cuda").to(dtype)
+    bias[::7] = -math.inf
+    thr = torch.rand(n, device="cuda")
+    for h, w, g in ((hidden, weight, norm_weight), (hidden[:, 1:], weight[:, 1:], norm_weight[1:])):
+        stats = run_stats(h, w, g, bias, temperature=0.9)
+        assert stats.invalid.tolist() == [n > 1 and i == n // 2 for i in range(n)]
+        assert_stats_match_reference(stats, h, w, g, bias, temp=0.9)
+        for measure in MEASURES:
+            res = run_op(h, w, thr, g, bias, measure, temperature=0.9)
+            assert_stats_finalize_to_exit_check(stats, res, thr, measure)
+
+
+@pytest.mark.gpu
+@cuda_ready
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("n", [2, 64, 100])
+def test_cuda_stats_of_rows_without_a_finite_logit(dtype, n):
+    """A -inf bias on every column, on the decode kernels (fp32 FMA, fp16/bf16 tensor cores) and the chunked
+    path: max -inf, sums 0, argmax the first column, valid; exit_check finalizes those rows as invalid."""
+    hidden = torch.randn(n, 64, device="cuda", dtype=dtype)
+    hidden[1, 0] = math.nan
+    weight = torch.randn(20000, 64, device="cuda", dtype=dtype)
+    bias = torch.full((20000,), -math.inf, device="cuda")
+    stats = run_stats(hidden, weight, bias=bias)
+    ok = torch.ones(n, dtype=torch.bool, device="cuda")
+    ok[1] = False
+    assert torch.equal(stats.invalid, ~ok)
+    assert (stats.max_logit[ok] == -math.inf).all() and (stats.second_logit[ok] == -math.inf).all()
+    assert (stats.argmax[ok] == 0).all()
+    assert (stats.sum_exp[ok] == 0).all() and (stats.sum_exp_z[ok] == 0).all()
+    res = run_op(hidden, weight, torch.zeros(n, device="cuda"), bias=bias)
+    assert (res.token == -1).all() and not res.exit.any()
+
+
+@pytest.mark.gpu
+@cuda_ready
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("n", [2, 100])
+def test_cuda_tied_large_logits_finalize_exactly(dtype, n):
+    """As test_cpu_tied_large_logits_finalize_exactly, on the decode kernels and the chunked path."""
+    d, v = 64, 5000
+    hidden = torch.ones(n, d, device="cuda", dtype=dtype)
+    weight = torch.zeros(v, d, device="cuda", dtype=dtype)
+    weight[[17, 4600]] = 320.0
+    weight[3] = 1.0
+    res = run_op(hidden, weight, torch.full((n,), 0.5, device="cuda"))
+    assert (res.token == 17).all() and res.exit.all()
+    assert ((res.max_prob - 0.5).abs() <= 1e-6).all() and (res.margin == 0).all()
+    assert ((res.entropy - math.log(2)).abs() <= 1e-6).all()
+
+
+@pytest.mark.gpu
+@cuda_ready
 def test_cuda_opcheck():
     hidden = torch.randn(5, 64, device="cuda", dtype=torch.bfloat16)
     weight = torch.randn(999, 64, device="cuda", dtype=torch.bfloat16)
     thr = torch.full((5,), 0.2, device="cuda")
+    entropy = MEASURES["entropy"]
     torch.library.opcheck(
-        torch.ops.earlyexit_C.exit_check.default, (hidden, weight, thr, None, None, "entropy", 1e-6, 1.0)
+        torch.ops.earlyexit_C.exit_check.default,
+        (hidden, weight, thr, None, None, entropy.code, entropy.exit_above, 1e-6, 1.0),
     )
+    torch.library.opcheck(torch.ops.earlyexit_C.exit_stats.default, (hidden, weight, None, None, 1e-6, 1.0))

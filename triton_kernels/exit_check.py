@@ -25,7 +25,6 @@ import triton.language as tl
 
 from earlyexit.triton_kernels.device import device_index, on_device, sm_count
 
-MEASURE_CODES = {"max_prob": 0, "margin": 1, "entropy": 2}
 # Partial fields per row: m, s, t, top1, top2, non-finite count (a constexpr global: usable in kernels).
 _N_FIELDS = tl.constexpr(6)
 
@@ -101,6 +100,63 @@ def _merge_partials(PART_F, PART_I, pid_n, n_splits, BLOCK_N: tl.constexpr, MERG
 
 
 @triton.jit
+def _finalize_store(
+    m,
+    s,
+    t,
+    idx,
+    top2,
+    bad,
+    rows,
+    row_ok,
+    THR,
+    TOKEN,
+    EXIT,
+    CONF,
+    MAXP,
+    MARGIN,
+    ENTROPY,
+    LSE,
+    STATISTIC: tl.constexpr,
+    EXIT_ABOVE: tl.constexpr,
+):
+    """Exit-check outputs of merged statistics (earlyexit.ops.reference.finalize_stats, in the kernel).
+
+    The probabilities come from the sums relative to the maximum (max_prob = 1 / s, margin =
+    (1 - exp(top2 - m)) / s), never from exp(m - lse), so they keep float32 accuracy at any logit magnitude.
+    """
+    log_s = tl.log(s)
+    lse = m + log_s
+    entropy = log_s - t / s
+    max_prob = 1.0 / s
+    margin = (1.0 - tl.exp(top2 - m)) / s
+    valid = (bad == 0) & (lse == lse) & (tl.abs(lse) < float("inf"))
+    lse = tl.where(valid, lse, float("nan"))
+    entropy = tl.where(valid, entropy, float("nan"))
+    max_prob = tl.where(valid, max_prob, float("nan"))
+    margin = tl.where(valid, margin, float("nan"))
+    thr = tl.load(THR + rows, mask=row_ok, other=0.0)
+    if STATISTIC == 0:
+        conf = max_prob
+    elif STATISTIC == 1:
+        conf = margin
+    else:
+        conf = entropy
+    if EXIT_ABOVE:
+        go = conf >= thr
+    else:
+        go = conf <= thr
+    token = tl.where(valid, idx.to(tl.int64), -1)
+    tl.store(TOKEN + rows, token, mask=row_ok)
+    tl.store(EXIT + rows, go & valid, mask=row_ok)
+    tl.store(CONF + rows, conf, mask=row_ok)
+    tl.store(MAXP + rows, max_prob, mask=row_ok)
+    tl.store(MARGIN + rows, margin, mask=row_ok)
+    tl.store(ENTROPY + rows, entropy, mask=row_ok)
+    tl.store(LSE + rows, lse, mask=row_ok)
+
+
+@triton.jit
 def exit_check_kernel(
     H,  # [N, d] hidden rows, row stride stride_h, unit column stride
     W,  # [V, d] head weight, row stride stride_w
@@ -114,6 +170,12 @@ def exit_check_kernel(
     MARGIN,  # [N] float32 out
     ENTROPY,  # [N] float32 out
     LSE,  # [N] float32 out
+    S_MAX,  # STATS_ONLY: [N] float32 out, max_logit (the six ExitStats fields instead of the seven above)
+    S_ARG,  # [N] int64 out, argmax (local column id)
+    S_SECOND,  # [N] float32 out, second_logit
+    S_SUM,  # [N] float32 out, sum_exp
+    S_SUMZ,  # [N] float32 out, sum_exp_z
+    S_INVALID,  # [N] bool out, invalid
     PART_F,  # [row_blocks, n_splits, 6, BLOCK_N] float32 partials
     PART_I,  # [row_blocks, n_splits, BLOCK_N] int32 top-1 indices
     COUNTER,  # [>= row_blocks] int32, zero on entry, zero again on exit
@@ -126,7 +188,9 @@ def exit_check_kernel(
     n_splits,
     eps,
     temperature,
-    MEASURE: tl.constexpr,
+    STATISTIC: tl.constexpr,  # the measure's statistic code (earlyexit.ops.measures.STATISTICS)
+    EXIT_ABOVE: tl.constexpr,  # exit when the statistic is >= the threshold (else <=)
+    STATS_ONLY: tl.constexpr,  # write the slice's statistics, not the exit decision
     HAS_NORM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
@@ -214,34 +278,34 @@ def exit_check_kernel(
     done = tl.atomic_add(COUNTER + pid_n, 1, sem="acq_rel")
     if done == n_splits - 1:
         m, s, t, top1, idx, top2, bad = _merge_partials(PART_F, PART_I, pid_n, n_splits, BLOCK_N, MERGE_BLOCK)
-        log_s = tl.log(s)
-        lse = m + log_s
-        entropy = log_s - t / s
-        max_prob = tl.exp(top1 - lse)
-        margin = max_prob - tl.exp(top2 - lse)
-        valid = (bad == 0) & (lse == lse) & (tl.abs(lse) < float("inf"))
-        lse = tl.where(valid, lse, float("nan"))
-        entropy = tl.where(valid, entropy, float("nan"))
-        max_prob = tl.where(valid, max_prob, float("nan"))
-        margin = tl.where(valid, margin, float("nan"))
-        thr = tl.load(THR + rows, mask=row_ok, other=0.0)
-        if MEASURE == 0:
-            conf = max_prob
-            go = max_prob >= thr
-        elif MEASURE == 1:
-            conf = margin
-            go = margin >= thr
+        if STATS_ONLY:
+            tl.store(S_MAX + rows, m, mask=row_ok)
+            tl.store(S_ARG + rows, idx.to(tl.int64), mask=row_ok)
+            tl.store(S_SECOND + rows, top2, mask=row_ok)
+            tl.store(S_SUM + rows, s, mask=row_ok)
+            tl.store(S_SUMZ + rows, t, mask=row_ok)
+            tl.store(S_INVALID + rows, bad != 0, mask=row_ok)
         else:
-            conf = entropy
-            go = entropy <= thr
-        token = tl.where(valid, idx.to(tl.int64), -1)
-        tl.store(TOKEN + rows, token, mask=row_ok)
-        tl.store(EXIT + rows, go & valid, mask=row_ok)
-        tl.store(CONF + rows, conf, mask=row_ok)
-        tl.store(MAXP + rows, max_prob, mask=row_ok)
-        tl.store(MARGIN + rows, margin, mask=row_ok)
-        tl.store(ENTROPY + rows, entropy, mask=row_ok)
-        tl.store(LSE + rows, lse, mask=row_ok)
+            _finalize_store(
+                m,
+                s,
+                t,
+                idx,
+                top2,
+                bad,
+                rows,
+                row_ok,
+                THR,
+                TOKEN,
+                EXIT,
+                CONF,
+                MAXP,
+                MARGIN,
+                ENTROPY,
+                LSE,
+                STATISTIC,
+                EXIT_ABOVE,
+            )
         tl.store(COUNTER + pid_n, 0)  # ready for the next call on this stream
 
 
@@ -313,17 +377,49 @@ def exit_check_config(n, d, v, dtype, device, interpret):
     )
 
 
-def exit_check_triton(hidden, weight, threshold, norm_weight, bias, measure, norm_eps, temperature, out, interpret):
+def exit_check_triton(
+    hidden, weight, threshold, norm_weight, bias, statistic, exit_above, norm_eps, temperature, out, interpret
+):
     """Launch the fused exit check on validated inputs, writing into ``out``.
 
     hidden: [N, d] with unit column stride; weight: [V, d] with unit column stride, same dtype;
     threshold: [N] float32 contiguous; norm_weight: [d] contiguous or None; bias: [V] contiguous or None;
+    statistic, exit_above: the measure (its statistic code and exit direction, earlyexit.ops.measures);
     out: (token int64, exit bool, confidence, max_prob, margin, entropy, lse float32), each [N] contiguous.
     """
+    return _launch(
+        hidden, weight, norm_weight, bias, norm_eps, temperature, interpret, out, None, threshold, statistic, exit_above
+    )
+
+
+def exit_stats_triton(hidden, weight, norm_weight, bias, norm_eps, temperature, out, interpret):
+    """Launch the same kernel for the statistics of this vocabulary slice, writing into ``out``.
+
+    Inputs as :func:`exit_check_triton`; out: (max_logit float32, argmax int64 local column id, second_logit,
+    sum_exp, sum_exp_z float32, invalid bool), each [N] contiguous (earlyexit.ExitStats).
+    """
+    return _launch(hidden, weight, norm_weight, bias, norm_eps, temperature, interpret, None, out)
+
+
+def _launch(
+    hidden,
+    weight,
+    norm_weight,
+    bias,
+    norm_eps,
+    temperature,
+    interpret,
+    out,
+    stats_out,
+    threshold=None,
+    statistic=0,
+    exit_above=True,
+):
     n, d = hidden.shape
     v = weight.shape[0]
+    result = out if stats_out is None else stats_out
     if n == 0:
-        return out
+        return result
     cfg = exit_check_config(n, d, v, hidden.dtype, hidden.device, interpret)
     row_blocks = triton.cdiv(n, cfg["BLOCK_N"])
     part_f = torch.empty(
@@ -331,6 +427,9 @@ def exit_check_triton(hidden, weight, threshold, norm_weight, bias, measure, nor
     )
     part_i = torch.empty((row_blocks, cfg["n_splits"], cfg["BLOCK_N"]), dtype=torch.int32, device=hidden.device)
     upcast = interpret and hidden.dtype == torch.bfloat16
+    # The mode not in use gets dummy pointers (never dereferenced: STATS_ONLY is a compile-time switch).
+    out = out if out is not None else (hidden,) * 7
+    stats_out = stats_out if stats_out is not None else (hidden,) * 6
     with on_device(hidden.device):
         counter = _counter(hidden.device, row_blocks)
         exit_check_kernel[(row_blocks, cfg["n_splits"])](
@@ -338,8 +437,9 @@ def exit_check_triton(hidden, weight, threshold, norm_weight, bias, measure, nor
             weight,
             bias if bias is not None else hidden,
             norm_weight if norm_weight is not None else hidden,
-            threshold,
+            threshold if threshold is not None else hidden,
             *out,
+            *stats_out,
             part_f,
             part_i,
             counter,
@@ -352,7 +452,9 @@ def exit_check_triton(hidden, weight, threshold, norm_weight, bias, measure, nor
             cfg["n_splits"],
             float(norm_eps),
             float(temperature),
-            MEASURE=MEASURE_CODES[measure],
+            STATISTIC=statistic,
+            EXIT_ABOVE=exit_above,
+            STATS_ONLY=threshold is None,
             HAS_NORM=norm_weight is not None,
             HAS_BIAS=bias is not None,
             UPCAST_DOT=upcast,
@@ -364,4 +466,4 @@ def exit_check_triton(hidden, weight, threshold, norm_weight, bias, measure, nor
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )
-    return out
+    return result

@@ -72,12 +72,12 @@ EE_MULTIVERSION RowStats chunk_stats(float* z, int64_t n, const float* bias, flo
     st.top2 = max_nan_keep(st.top2, top2[l]);
   }
   if (st.bad) return st;  // the row is invalid whatever the sums are
-  if (st.top1 != -INFINITY) {
-    for (int64_t j = 0; j < n; ++j) {  // the lowest index holding the max
-      if (z[j] == st.top1) {
-        st.idx = col0 + j;
-        break;
-      }
+  // The lowest index holding the max; for a chunk of only -inf logits its first column, as push_logit
+  // gives (exit_stats reports it for a row with no finite logit).
+  for (int64_t j = 0; j < n; ++j) {
+    if (z[j] == st.top1) {
+      st.idx = col0 + j;
+      break;
     }
   }
   // Pass 2: sums relative to the chunk max (0 when every logit is -inf, so -inf - m stays -inf).

@@ -1,5 +1,6 @@
 // CPU fused exit check: RMSNorm prologue, head GEMM on cache-sized vocabulary chunks, statistics fused
-// on each chunk while it is hot, fixed-order merge.
+// on each chunk while it is hot, fixed-order merge; then exit_check finalizes each row and exit_stats
+// writes its merged statistics.
 //
 // Work is split into tasks (row block x vocabulary chunk) run by at::parallel_for. Each task computes the
 // chunk's logits into a per-thread [rows, chunk] float32 buffer of ~256 KiB that stays in L2 (row_dots.cpp
@@ -67,9 +68,9 @@ void normalize_rows(const ExitArgs& a, float* x, uint8_t* finite) {
   });
 }
 
-}  // namespace
-
-void exit_check_cpu(const ExitArgs& a, const ExitOutputs& out) {
+// Merged statistics of every row, handed to write(row, stats, hidden row finite) in parallel.
+template <typename Write>
+void row_stats(const ExitArgs& a, const Write& write) {
   const int64_t n = a.hidden.size(0), d = a.hidden.size(1), v = a.weight.size(0);
   if (n == 0) return;
   at::Tensor x = at::empty({n, d}, a.hidden.options().dtype(at::kFloat));
@@ -124,7 +125,19 @@ void exit_check_cpu(const ExitArgs& a, const ExitOutputs& out) {
     }
   });
 
-  const float* thr = a.threshold.const_data_ptr<float>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      RowStats st = parts[i];
+      for (int64_t c = 1; c < chunks; ++c) merge_stats(st, parts[c * n + i]);  // fixed order: deterministic
+      write(i, st, finite[i] != 0);
+    }
+  });
+}
+
+}  // namespace
+
+void exit_check_cpu(const ExitArgs& a, const ExitRule& rule, const ExitOutputs& out) {
+  const float* thr = rule.threshold.const_data_ptr<float>();
   int64_t* token = out.token.mutable_data_ptr<int64_t>();
   bool* ex = out.exit.mutable_data_ptr<bool>();
   float* conf = out.confidence.mutable_data_ptr<float>();
@@ -132,19 +145,32 @@ void exit_check_cpu(const ExitArgs& a, const ExitOutputs& out) {
   float* margin = out.margin.mutable_data_ptr<float>();
   float* entropy = out.entropy.mutable_data_ptr<float>();
   float* lse = out.lse.mutable_data_ptr<float>();
-  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      RowStats st = parts[i];
-      for (int64_t c = 1; c < chunks; ++c) merge_stats(st, parts[c * n + i]);  // fixed order: deterministic
-      const RowResult r = finalize_stats(st, finite[i], thr[i], a.measure);
-      token[i] = r.token;
-      ex[i] = r.exit;
-      conf[i] = r.confidence;
-      maxp[i] = r.max_prob;
-      margin[i] = r.margin;
-      entropy[i] = r.entropy;
-      lse[i] = r.lse;
-    }
+  row_stats(a, [&](int64_t i, const RowStats& st, bool finite) {
+    const RowResult r = finalize_stats(st, finite, thr[i], rule.statistic, rule.exit_above);
+    token[i] = r.token;
+    ex[i] = r.exit;
+    conf[i] = r.confidence;
+    maxp[i] = r.max_prob;
+    margin[i] = r.margin;
+    entropy[i] = r.entropy;
+    lse[i] = r.lse;
+  });
+}
+
+void exit_stats_cpu(const ExitArgs& a, const StatsOutputs& out) {
+  float* max_logit = out.max_logit.mutable_data_ptr<float>();
+  int64_t* argmax = out.argmax.mutable_data_ptr<int64_t>();
+  float* second = out.second_logit.mutable_data_ptr<float>();
+  float* sum_exp = out.sum_exp.mutable_data_ptr<float>();
+  float* sum_exp_z = out.sum_exp_z.mutable_data_ptr<float>();
+  bool* invalid = out.invalid.mutable_data_ptr<bool>();
+  row_stats(a, [&](int64_t i, const RowStats& st, bool finite) {
+    max_logit[i] = st.m;
+    argmax[i] = st.idx;
+    second[i] = st.top2;
+    sum_exp[i] = st.s;
+    sum_exp_z[i] = st.t;
+    invalid[i] = st.bad || !finite;
   });
 }
 

@@ -70,36 +70,50 @@ struct F16 {  // IEEE half, widened with integer and float vector ops (GCC 12 sc
   }
 };
 
-// R x rows (R <= 8) against one weight row wj; writes out[r * out_stride].
-template <typename W, int R>
-__attribute__((always_inline)) inline void dot_group(const float* x, int64_t d, const typename W::elem* wj,
-                                                     float* out, int64_t out_stride) {
-  Vec8 acc[R];
+// R x rows (R <= 8) against J consecutive weight rows w, w + ldw, ...; writes out[r * out_stride + j].
+// J > 1 for few x rows: J * R independent accumulators keep the FMA latency chain and the memory stream of
+// one weight row from bounding the loop (a single row's dot is a chain of dependent FMAs).
+template <typename W, int R, int J>
+__attribute__((always_inline)) inline void dot_group(const float* x, int64_t d, const typename W::elem* w,
+                                                     int64_t ldw, float* out, int64_t out_stride) {
+  Vec8 acc[J][R];
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) acc[r] = Vec8{};
+  for (int j = 0; j < J; ++j) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[j][r] = Vec8{};
+  }
   const int64_t body = d - d % kLanes;
   for (int64_t k = 0; k < body; k += kLanes) {
-    Vec8 wv, xv;  // loaded through out-parameters: no function returns a Vec8 (psABI)
-    W::load8(wj + k, wv);
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      std::memcpy(&xv, x + r * d + k, sizeof(xv));
-      acc[r] += wv * xv;
+    for (int j = 0; j < J; ++j) {
+      Vec8 wv, xv;  // loaded through out-parameters: no function returns a Vec8 (psABI)
+      W::load8(w + j * ldw + k, wv);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        std::memcpy(&xv, x + r * d + k, sizeof(xv));
+        acc[j][r] += wv * xv;
+      }
     }
   }
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    float s = 0.f;
-    for (int64_t k = body; k < d; ++k) s += W::load1(wj + k) * x[r * d + k];
-    for (int l = 0; l < kLanes; ++l) s += acc[r][l];
-    out[r * out_stride] = s;
+  for (int j = 0; j < J; ++j) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      float s = 0.f;
+      for (int64_t k = body; k < d; ++k) s += W::load1(w + j * ldw + k) * x[r * d + k];
+      for (int l = 0; l < kLanes; ++l) s += acc[j][r][l];
+      out[r * out_stride + j] = s;
+    }
   }
 }
 
 template <typename W, int R>
 __attribute__((always_inline)) inline void dot_rows_fixed(const float* x, int64_t d, const typename W::elem* w,
                                                           int64_t ldw, int64_t nc, float* z) {
-  for (int64_t j = 0; j < nc; ++j) dot_group<W, R>(x, d, w + j * ldw, z + j, nc);
+  constexpr int J = R == 1 ? 4 : (R <= 3 ? 2 : 1);  // J * R <= 6 accumulators: they stay in registers
+  int64_t j = 0;
+  for (; j + J <= nc; j += J) dot_group<W, R, J>(x, d, w + j * ldw, ldw, z + j, nc);
+  for (; j < nc; ++j) dot_group<W, R, 1>(x, d, w + j * ldw, ldw, z + j, nc);
 }
 
 // Groups of 8 rows, then the remainder (n <= kRowDotsMaxRows; more groups would re-read each weight

@@ -1,5 +1,5 @@
-// Launchers of the CUDA exit check (kernels in exit_check_kernels.cuh): launch configuration, workspaces,
-// the per-stream merge counters, and the cuBLAS vocabulary-chunk loop for larger N.
+// Launchers of the CUDA exit check and exit stats (kernels in exit_check_kernels.cuh): launch configuration,
+// workspaces, the per-stream merge counters, and the cuBLAS vocabulary-chunk loop for larger N.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/core/GradMode.h>
@@ -63,13 +63,14 @@ int vector_kind(const std::optional<at::Tensor>& t) {
     case at::kBFloat16:
       return cuda::kBF16;
     default:
-      TORCH_CHECK(false, "earlyexit_C::exit_check (cuda): bias/norm_weight must be float32, float16 or bfloat16");
+      TORCH_CHECK(false, "earlyexit_C (cuda): bias/norm_weight must be float32, float16 or bfloat16");
   }
 }
 
+// The head arguments; the caller sets one output mode (see cuda::Params), the other stays null.
 template <typename T>
-cuda::Params<T> make_params(const ExitArgs& a, const ExitOutputs& o) {
-  cuda::Params<T> p;
+cuda::Params<T> make_params(const ExitArgs& a) {
+  cuda::Params<T> p{};
   p.hidden = reinterpret_cast<const T*>(a.hidden.const_data_ptr());
   p.hidden_stride = a.hidden.stride(0);
   p.weight = reinterpret_cast<const T*>(a.weight.const_data_ptr());
@@ -78,20 +79,11 @@ cuda::Params<T> make_params(const ExitArgs& a, const ExitOutputs& o) {
   p.bias_kind = vector_kind(a.bias);
   p.norm_weight = a.norm_weight ? a.norm_weight->const_data_ptr() : nullptr;
   p.norm_kind = vector_kind(a.norm_weight);
-  p.threshold = a.threshold.const_data_ptr<float>();
-  p.token = o.token.mutable_data_ptr<int64_t>();
-  p.exit = o.exit.mutable_data_ptr<bool>();
-  p.confidence = o.confidence.mutable_data_ptr<float>();
-  p.max_prob = o.max_prob.mutable_data_ptr<float>();
-  p.margin = o.margin.mutable_data_ptr<float>();
-  p.entropy = o.entropy.mutable_data_ptr<float>();
-  p.lse = o.lse.mutable_data_ptr<float>();
   p.n = static_cast<int>(a.hidden.size(0));
   p.d = static_cast<int>(a.hidden.size(1));
   p.v = a.weight.size(0);
   p.eps = static_cast<float>(a.eps);
   p.temperature = static_cast<float>(a.temperature);
-  p.measure = a.measure;
   return p;
 }
 
@@ -159,7 +151,7 @@ void launch_decode_rg(const cuda::Params<T>& p, const at::Tensor& like, cudaStre
   const size_t smem = static_cast<size_t>(RG) * p.d * sizeof(T);
   auto kernel = cuda::decode_kernel<T, RG, VEC>;
   TORCH_CHECK(smem <= kernel_info(reinterpret_cast<const void*>(kernel)).smem_limit,
-              "earlyexit_C::exit_check (cuda): decode kernel shared memory exceeds the device limit");
+              "earlyexit_C (cuda): decode kernel shared memory exceeds the device limit");
   const int groups = (p.n + RG - 1) / RG;
   // Enough blocks to fill every SM a few times over, but at least kWarps columns per slice.
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -182,7 +174,7 @@ void launch_decode(const cuda::Params<T>& p, const at::Tensor& like, cudaStream_
       at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin - sizeof(RowStats) * cuda::kThreads - 1024;
   int rg = p.n <= 1 ? 1 : p.n <= 2 ? 2 : p.n <= 4 ? 4 : 8;
   while (rg > 1 && static_cast<size_t>(rg) * p.d * sizeof(T) > limit) rg /= 2;
-  TORCH_CHECK(static_cast<size_t>(rg) * p.d * sizeof(T) <= limit, "earlyexit_C::exit_check (cuda): d = ", p.d,
+  TORCH_CHECK(static_cast<size_t>(rg) * p.d * sizeof(T) <= limit, "earlyexit_C (cuda): d = ", p.d,
               " is too large for the hidden row to fit in shared memory (", limit, " bytes); use backend='triton'");
   constexpr int kVec = 16 / sizeof(T);
   const bool vec = p.d % kVec == 0 && p.weight_stride % kVec == 0 &&
@@ -239,7 +231,7 @@ void launch_decode_mma_nt(const cuda::Params<T>& p, const at::Tensor& like, cuda
   if (NP * (kc + 32) * static_cast<int64_t>(sizeof(T)) > budget) {
     kc = (budget / (NP * static_cast<int64_t>(sizeof(T))) - 32) / cuda::kMmaK * cuda::kMmaK;
   }
-  TORCH_CHECK(kc >= cuda::kMmaK, "earlyexit_C::exit_check (cuda): not enough shared memory for the decode kernel");
+  TORCH_CHECK(kc >= cuda::kMmaK, "earlyexit_C (cuda): not enough shared memory for the decode kernel");
   const int64_t ks = kc + 32;
   constexpr int64_t kStats = sizeof(RowStats);
   const size_t smem = static_cast<size_t>(std::max<int64_t>(
@@ -248,7 +240,7 @@ void launch_decode_mma_nt(const cuda::Params<T>& p, const at::Tensor& like, cuda
   const int64_t tiles = (p.v + 16 * MT - 1) / (16 * MT);
   const int64_t per_slice = (tiles + props->multiProcessorCount - 1) / props->multiProcessorCount;
   const int64_t slices = (tiles + per_slice - 1) / per_slice;
-  TORCH_CHECK(per_slice <= INT32_MAX, "earlyexit_C::exit_check (cuda): V is too large");
+  TORCH_CHECK(per_slice <= INT32_MAX, "earlyexit_C (cuda): V is too large");
   PartialsBuffer part(like, slices * NP);
   const at::Tensor counters = merge_counters(like, stream, 1);
   kernel<<<static_cast<unsigned>(slices), cuda::kMmaThreads, smem, stream>>>(
@@ -297,21 +289,22 @@ void launch_chunked(const cuda::Params<T>& p, const ExitArgs& a, cudaStream_t st
   }
 }
 
-}  // namespace
-
-void exit_check_cuda(const ExitArgs& a, const ExitOutputs& out) {
+// Picks the path: decode kernels for N <= kDecodeMaxRows (tensor cores for eligible fp16/bf16), else the
+// chunked cuBLAS path. set_outputs(p) fills the output mode of the Params.
+template <typename SetOutputs>
+void run(const ExitArgs& a, const SetOutputs& set_outputs) {
   // The ATen calls inside (mm_out, copy_) are kernel internals: a weight that requires grad (an
   // nn.Parameter) must not make them record autograd history or reject out= arguments.
   const c10::NoGradGuard no_grad;
   const int64_t n = a.hidden.size(0);
   if (n == 0) return;
-  TORCH_CHECK(n <= INT32_MAX && a.hidden.size(1) <= INT32_MAX,
-              "earlyexit_C::exit_check (cuda): N and d must fit in int32");
+  TORCH_CHECK(n <= INT32_MAX && a.hidden.size(1) <= INT32_MAX, "earlyexit_C (cuda): N and d must fit in int32");
   const c10::cuda::CUDAGuard guard(a.hidden.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   EE_DISPATCH_FLOAT_TYPES(a.hidden.scalar_type(), "exit_check_cuda", [&] {
     using T = typename DeviceType<scalar_t>::type;
-    const cuda::Params<T> p = make_params<T>(a, out);
+    cuda::Params<T> p = make_params<T>(a);
+    set_outputs(p);
     if (n <= cuda::kDecodeMaxRows) {
       if constexpr (std::is_same_v<T, float>) {
         launch_decode<T>(p, a.hidden, stream);
@@ -323,6 +316,34 @@ void exit_check_cuda(const ExitArgs& a, const ExitOutputs& out) {
     } else {
       launch_chunked<T>(p, a, stream);
     }
+  });
+}
+
+}  // namespace
+
+void exit_check_cuda(const ExitArgs& a, const ExitRule& rule, const ExitOutputs& o) {
+  run(a, [&](auto& p) {
+    p.threshold = rule.threshold.const_data_ptr<float>();
+    p.statistic = rule.statistic;
+    p.exit_above = rule.exit_above;
+    p.token = o.token.mutable_data_ptr<int64_t>();
+    p.exit = o.exit.mutable_data_ptr<bool>();
+    p.confidence = o.confidence.mutable_data_ptr<float>();
+    p.max_prob = o.max_prob.mutable_data_ptr<float>();
+    p.margin = o.margin.mutable_data_ptr<float>();
+    p.entropy = o.entropy.mutable_data_ptr<float>();
+    p.lse = o.lse.mutable_data_ptr<float>();
+  });
+}
+
+void exit_stats_cuda(const ExitArgs& a, const StatsOutputs& o) {
+  run(a, [&](auto& p) {
+    p.max_logit = o.max_logit.mutable_data_ptr<float>();
+    p.argmax = o.argmax.mutable_data_ptr<int64_t>();
+    p.second_logit = o.second_logit.mutable_data_ptr<float>();
+    p.sum_exp = o.sum_exp.mutable_data_ptr<float>();
+    p.sum_exp_z = o.sum_exp_z.mutable_data_ptr<float>();
+    p.invalid = o.invalid.mutable_data_ptr<bool>();
   });
 }
 

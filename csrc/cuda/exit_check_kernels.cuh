@@ -16,8 +16,9 @@
 //   from L2.
 // normalize_kernel + chunk_stats_kernel (larger N): the launcher runs cuBLAS (float32 accumulation and
 //   output) on vocabulary chunks of [N, C] logits, C chosen so the chunk stays O(N * C) small, and
-//   chunk_stats_kernel reduces each chunk row (one block per row) into running statistics, finalizing
-//   on the last chunk.
+//   chunk_stats_kernel reduces each chunk row (one block per row) into running statistics, writing the
+//   outputs on the last chunk.
+// Every kernel serves exit_check and exit_stats alike (see Params): only write_result differs.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -99,6 +100,9 @@ __device__ __forceinline__ void load_floats(const T* ptr, float (&out)[VEC]) {
 }
 
 // Arguments shared by the kernels. Pointers are device pointers; threshold and outputs are [N].
+// Two output modes: exit_check (threshold .. lse set, the rows finalized) or exit_stats (sum_exp set, the
+// merged statistics written as they are, the other set null). A runtime switch in write_result rather
+// than a template parameter: it is taken once per row, after the main loop, and doubles no instantiation.
 template <typename T>
 struct Params {
   const T* hidden;
@@ -113,10 +117,14 @@ struct Params {
   int64_t* token;
   bool* exit;
   float *confidence, *max_prob, *margin, *entropy, *lse;
+  float *max_logit, *second_logit, *sum_exp, *sum_exp_z;
+  int64_t* argmax;
+  bool* invalid;
   int n, d;
   int64_t v;
   float eps, temperature;
-  int measure;
+  int statistic;
+  bool exit_above;
 };
 
 // Per (row group, slice) partial statistics of the decode kernel, struct of arrays.
@@ -126,9 +134,19 @@ struct Partials {
   int* bad;
 };
 
+// The outputs of row `row` from its merged statistics, in the mode p selects.
 template <typename T>
 __device__ __forceinline__ void write_result(const Params<T>& p, int64_t row, const RowStats& st, bool finite) {
-  const RowResult r = finalize_stats(st, finite, p.threshold[row], p.measure);
+  if (p.sum_exp != nullptr) {
+    p.max_logit[row] = st.m;
+    p.argmax[row] = st.idx;
+    p.second_logit[row] = st.top2;
+    p.sum_exp[row] = st.s;
+    p.sum_exp_z[row] = st.t;
+    p.invalid[row] = st.bad || !finite;
+    return;
+  }
+  const RowResult r = finalize_stats(st, finite, p.threshold[row], p.statistic, p.exit_above);
   p.token[row] = r.token;
   p.exit[row] = r.exit;
   p.confidence[row] = r.confidence;

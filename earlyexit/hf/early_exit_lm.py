@@ -22,7 +22,7 @@ from earlyexit.hf.forward import ExitSpec
 from earlyexit.hf.generate import generate
 from earlyexit.hf.model_adapter import ModelAdapter
 from earlyexit.hf.sampling import TokenChooser
-from earlyexit.reference import MEASURES
+from earlyexit.ops.measures import get_measure
 
 MODES = ("exit", "exact")
 
@@ -98,8 +98,7 @@ class EarlyExitLM:
         self.adapter = ModelAdapter(model)
         self.model = model
         self.exit_layers = _check_exit_layers(exit_layers, self.adapter.num_layers)
-        if measure not in MEASURES:
-            raise ValueError(f"measure: expected one of {MEASURES}, got {measure!r}")
+        get_measure(measure)  # ValueError naming the argument
         self.measure = measure
         self.thresholds = _check_thresholds(threshold, len(self.exit_layers))
         self.heads = _check_heads(heads, self.exit_layers)

@@ -10,6 +10,8 @@ attention differs, :meth:`ModelAdapter.project_kv`.
 import inspect
 import sys
 
+from earlyexit.hf.tensor_parallel import check_heads_per_rank, local_rows, local_tensor, vocab_shard
+
 #: config.model_type -> the causal LM class it comes with (for the error message).
 SUPPORTED = {
     "llama": "LlamaForCausalLM",
@@ -57,7 +59,11 @@ class ModelAdapter:
         self.num_layers = len(self.layers)
         attn = self.layers[0].self_attn
         self.head_dim = attn.head_dim
-        self.num_kv_heads = attn.k_proj.out_features // attn.head_dim
+        # Under tensor parallelism (tp_plan) each rank computes and caches only its own key/value heads.
+        for name in ("q_proj", "k_proj"):
+            proj = getattr(attn, name)
+            check_heads_per_rank(local_rows(proj.weight, proj.out_features), attn.head_dim, f"self_attn.{name}")
+        self.num_kv_heads = local_rows(attn.k_proj.weight, attn.k_proj.out_features) // attn.head_dim
         self.windows = [self._window(layer.self_attn) for layer in self.layers]
         self.cache_kwarg = self._cache_kwarg(self.layers[0])
         # The module's own rotary function, so propagated keys match the layers' keys bit for bit.
@@ -143,12 +149,26 @@ class ModelAdapter:
     # ------------------------------------------------------------------ exit head
     @property
     def exit_head(self):
-        """Keyword arguments of :func:`earlyexit.exit_check` for the shared head (final norm + lm_head)."""
+        """Keyword arguments of :func:`earlyexit.exit_check` for the shared head (final norm + lm_head).
+
+        With a tensor-parallel lm_head (vocabulary-sharded DTensor) they name this rank's rows and the
+        shard's process group, so the check merges per-row statistics instead of gathering logits.
+        """
         norm = self.model.model.norm
         eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
+        head = self.model.lm_head
+        shard = vocab_shard(head.weight)
+        weight = local_tensor(head.weight)
+        if not shard and weight.shape[0] != head.out_features:
+            # A tensor-parallel implementation that keeps plain local tensors: the rows' global ids are unknown.
+            raise ValueError(
+                f"model: lm_head holds {weight.shape[0]} of its {head.out_features} vocabulary rows without "
+                "saying which (not a DTensor); pass a model sharded by transformers' tp_plan or an unsharded one"
+            )
         return dict(
-            weight=self.model.lm_head.weight,
-            bias=self.model.lm_head.bias,
-            norm_weight=norm.weight,
+            weight=weight,
+            bias=local_tensor(head.bias),
+            norm_weight=local_tensor(norm.weight),
             norm_eps=float(eps),
+            **shard,
         )

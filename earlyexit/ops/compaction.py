@@ -13,10 +13,10 @@ from functools import partial
 
 import torch
 
-from earlyexit import backends
+from earlyexit.ops import backends
 from earlyexit.ops.checks import check_dim, check_dtype, check_rows, check_same_device, check_shape, check_tensor
+from earlyexit.ops.reference import compact_reference, partition_rows_reference, scatter_rows_reference
 from earlyexit.ops.rows import dense_rows, rows_dense
-from earlyexit.reference import compact_reference, partition_rows_reference, scatter_rows_reference
 
 #: "auto" per device type, first that can run. CUDA: the Triton kernel, whose logic the interpreter lane
 #: checks on every CI run; the CUDA kernel has the same contract and a lower launch cost, and is picked

@@ -1,19 +1,25 @@
-"""Python side of the compiled ops (torch.ops.earlyexit_C, built from csrc/): fakes and the call wrapper.
+"""Python side of the compiled ops (torch.ops.earlyexit_C, built from csrc/): fakes and the call wrappers.
 
-The C++ op ``earlyexit_C::exit_check`` takes the validated 2-D arguments of ``earlyexit::exit_check``
-(hidden [N, d], weight [V, d], threshold [N] float32, norm_weight [d] or None, bias [V] or None, measure,
-norm_eps, temperature) and returns its seven [N] outputs. Its fake implementation lives here so that
-torch.compile and torch.library.opcheck can trace it without running a kernel.
+``earlyexit_C::exit_check(hidden, weight, threshold, norm_weight, bias, statistic, exit_above, norm_eps,
+temperature)`` takes the validated 2-D arguments of ``earlyexit::exit_check`` (hidden [N, d], weight [V, d],
+threshold [N] float32, norm_weight [d] or None, bias [V] or None) with the measure given as its statistic
+code and exit direction (earlyexit.ops.measures), and returns its seven [N] outputs.
+``earlyexit_C::exit_stats(hidden, weight, norm_weight, bias, norm_eps, temperature)`` returns the six
+:class:`earlyexit.ExitStats` fields of the slice ([N] each; argmax a local column id).
+Their fake implementations live here so that torch.compile and opcheck can trace them without a kernel.
 """
 
 import torch
 
-from earlyexit import backends
+from earlyexit.ops import backends
+from earlyexit.ops.measures import get_measure
 
 if backends.EXTENSION is not None:
 
     @torch.library.register_fake("earlyexit_C::exit_check")
-    def _exit_check_ext_fake(hidden, weight, threshold, norm_weight, bias, measure, norm_eps, temperature):
+    def _exit_check_ext_fake(
+        hidden, weight, threshold, norm_weight, bias, statistic, exit_above, norm_eps, temperature
+    ):
         n = hidden.shape[0]
         f32 = dict(dtype=torch.float32, device=hidden.device)
         return (
@@ -22,9 +28,28 @@ if backends.EXTENSION is not None:
             *(hidden.new_empty(n, **f32) for _ in range(5)),
         )
 
+    @torch.library.register_fake("earlyexit_C::exit_stats")
+    def _exit_stats_ext_fake(hidden, weight, norm_weight, bias, norm_eps, temperature):
+        n = hidden.shape[0]
+        f32 = dict(dtype=torch.float32, device=hidden.device)
+        return (
+            hidden.new_empty(n, **f32),
+            hidden.new_empty(n, dtype=torch.int64),
+            *(hidden.new_empty(n, **f32) for _ in range(3)),
+            hidden.new_empty(n, dtype=torch.bool),
+        )
+
 
 def run_extension(hidden, weight, threshold, norm_weight, bias, measure, norm_eps, temperature):
-    """Backends "cpu" and "cuda": the compiled kernel for hidden's device. Returns the seven outputs."""
+    """Backends "cpu" and "cuda": the compiled exit check for hidden's device. Returns the seven outputs."""
+    spec = get_measure(measure)
     return tuple(
-        torch.ops.earlyexit_C.exit_check(hidden, weight, threshold, norm_weight, bias, measure, norm_eps, temperature)
+        torch.ops.earlyexit_C.exit_check(
+            hidden, weight, threshold, norm_weight, bias, spec.code, spec.exit_above, norm_eps, temperature
+        )
     )
+
+
+def run_extension_stats(hidden, weight, norm_weight, bias, norm_eps, temperature):
+    """Backends "cpu" and "cuda": the compiled slice statistics. Returns the six ExitStats fields."""
+    return tuple(torch.ops.earlyexit_C.exit_stats(hidden, weight, norm_weight, bias, norm_eps, temperature))

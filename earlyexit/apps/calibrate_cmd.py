@@ -5,11 +5,11 @@ import os
 import sys
 import time
 
-from earlyexit.adapters import ExitAdapters, train_exit_adapters
-from earlyexit.calibrate import calibrate
+from earlyexit.apps.smollm2 import load_smollm2
 from earlyexit.hf.early_exit_lm import EarlyExitLM
-from earlyexit.hf.smollm2 import load_smollm2
-from earlyexit.text_data import builtin_corpus
+from earlyexit.tuning.adapters import ExitAdapters, train_exit_adapters
+from earlyexit.tuning.calibrate import calibrate
+from earlyexit.tuning.text_data import builtin_corpus
 
 THRESHOLDS_FILE = "thresholds.json"
 

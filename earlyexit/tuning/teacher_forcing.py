@@ -2,7 +2,7 @@
 
 import torch
 
-from earlyexit.progress import progress_bar
+from earlyexit.tuning.progress import progress_bar
 
 
 @torch.no_grad()

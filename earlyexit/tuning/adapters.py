@@ -13,10 +13,10 @@ from collections.abc import Mapping
 
 import torch
 
-from earlyexit.progress import progress_bar
-from earlyexit.reference import rms_normalize
-from earlyexit.teacher_forcing import collect_states
-from earlyexit.text_data import token_windows
+from earlyexit.ops.reference import rms_normalize
+from earlyexit.tuning.progress import progress_bar
+from earlyexit.tuning.teacher_forcing import collect_states
+from earlyexit.tuning.text_data import token_windows
 
 WEIGHTS_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapters.json"

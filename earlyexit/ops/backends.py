@@ -24,11 +24,26 @@ def _probe_triton():
     return triton.__version__, None
 
 
+#: What the Python side calls in the extension: an older build (an editable install whose csrc changed
+#: since) lacks some of it, and is then reported as out of date rather than crashing at the first call.
+_EXTENSION_OPS = {
+    "exit_check": "int statistic",
+    "exit_stats": "",
+    "compact": "",
+    "partition_rows": "",
+    "scatter_rows": "",
+}
+
+
 def _probe_extension():
     try:
         ext = importlib.import_module("earlyexit._C")
     except ImportError as e:
         return None, f"the C++ extension earlyexit._C is not built ({e})"
+    for op, needs in _EXTENSION_OPS.items():
+        packet = getattr(torch.ops.earlyexit_C, op, None)
+        if packet is None or needs not in str(packet.default._schema):
+            return None, f"the C++ extension earlyexit._C is out of date (no {op}({needs}...)): rebuild it"
     return ext, None
 
 

@@ -4,8 +4,7 @@ import time
 
 import torch
 
-from earlyexit import backends
-from earlyexit.ops import exit_check
+from earlyexit.ops import backends, exit_check
 
 
 def _time(fn, device, reps):

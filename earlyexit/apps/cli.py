@@ -1,13 +1,15 @@
-"""Command line: ``earlyexit demo`` and friends (also ``python -m earlyexit.cli``)."""
+"""Command line: ``earlyexit demo`` and friends (also ``python -m earlyexit.apps.cli``)."""
 
 import argparse
 import sys
 
+from earlyexit.ops.measures import MEASURE_NAMES
+
 
 def _demo(args):
     try:
-        from earlyexit.hf.demo import run_demo
-        from earlyexit.hf.smollm2 import gguf_path
+        from earlyexit.apps.demo import run_demo
+        from earlyexit.apps.smollm2 import gguf_path
 
         gguf_path()
         import gguf  # noqa: F401  (transformers needs it to read the model file)
@@ -19,7 +21,7 @@ def _demo(args):
     exit_layers = tuple(int(x) for x in args.exit_layers.split(","))
     threshold, heads, measure = args.threshold, None, "max_prob"
     if args.heads:
-        from earlyexit.hf.calibrate_cmd import load_heads
+        from earlyexit.apps.calibrate_cmd import load_heads
 
         # The folder's calibrated policy (layers, measure, thresholds) goes with its adapters.
         heads, policy = load_heads(args.heads)
@@ -51,7 +53,7 @@ def main(argv=None):
     c.add_argument("--out", required=True, help="folder for adapters.safetensors, adapters.json, thresholds.json")
     c.add_argument("--exit-layers", default="12,18,24", help="comma-separated layer counts, each in [1, 30)")
     c.add_argument("--target-agreement", type=float, default=0.99)
-    c.add_argument("--measure", default="max_prob", choices=("max_prob", "margin", "entropy"))
+    c.add_argument("--measure", default="max_prob", choices=MEASURE_NAMES)
     c.add_argument("--steps", type=int, default=None, help="adapter training steps (default: the library's)")
     k = sub.add_parser("kernel-demo", help="run the fused exit check on a real-sized head against the reference")
     k.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -61,7 +63,7 @@ def main(argv=None):
     if args.command == "demo":
         _demo(args)
     elif args.command == "calibrate":
-        from earlyexit.hf.calibrate_cmd import run_calibrate
+        from earlyexit.apps.calibrate_cmd import run_calibrate
 
         run_calibrate(
             args.out,
@@ -71,7 +73,7 @@ def main(argv=None):
             steps=args.steps,
         )
     elif args.command == "kernel-demo":
-        from earlyexit.kernel_demo import kernel_demo
+        from earlyexit.apps.kernel_demo import kernel_demo
 
         kernel_demo(args.device, rows=tuple(int(x) for x in args.rows.split(",")))
     elif args.command == "env":
