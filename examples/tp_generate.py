@@ -16,6 +16,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from earlyexit.apps.demo import agreement, generated_tokens
+
 PROMPTS = ["What is the capital of France?", "Write a Python function that reverses a string."]
 
 
@@ -26,22 +28,6 @@ def tp_plan(config, world):
     plan = {f"model.layers.*.self_attn.{p}_proj": "replicate" for p in "qkvo"}
     why = f"{config.num_attention_heads}/{config.num_key_value_heads} heads do not split over {world} ranks"
     return plan, f"auto with attention replicated ({why}); MLPs, embedding and lm_head sharded"
-
-
-def generated(sequences, prompt_len, pad):
-    """Per row, the generated ids without the trailing padding."""
-    rows = []
-    for row in sequences[:, prompt_len:].tolist():
-        while row and row[-1] == pad:
-            row.pop()
-        rows.append(row)
-    return rows
-
-
-def agreement(rows, reference):
-    """Share of generated positions whose token equals the reference's."""
-    same = sum(a == b for x, y in zip(rows, reference) for a, b in zip(x, y))
-    return same / max(sum(max(len(x), len(y)) for x, y in zip(rows, reference)), 1)
 
 
 def identical_on_all_ranks(tensor):
@@ -99,7 +85,7 @@ def main():
         t0 = time.perf_counter()
         ref = model.generate(**enc, max_new_tokens=n, do_sample=False)
         ref_s = time.perf_counter() - t0
-    ref_rows = generated(ref, prompt_len, pad)
+    ref_rows = generated_tokens(ref, prompt_len, pad)
     runs = {
         mode: eem.generate(enc.input_ids, enc.attention_mask, max_new_tokens=n, mode=mode) for mode in ("exit", "exact")
     }
@@ -109,7 +95,7 @@ def main():
         say(f"[{i + 1}] {prompt}")
         say(f"  model.generate: {tokenizer.decode(ref_rows[i])!r}")
         for mode, r in runs.items():
-            say(f"  {mode:<14}: {tokenizer.decode(generated(r.sequences, prompt_len, pad)[i])!r}")
+            say(f"  {mode:<14}: {tokenizer.decode(generated_tokens(r.sequences, prompt_len, pad)[i])!r}")
         layers = [k for k in runs["exit"].exit_layer[i].tolist() if k > 0]  # 0: padding after the end
         say(f"  exit layers   : {' '.join(map(str, layers))}")
     n_ref = sum(len(r) for r in ref_rows)
@@ -120,7 +106,7 @@ def main():
         note = f"== model.generate: {'yes' if torch.equal(r.sequences, ref) else 'no'}"
         if mode == "exact":
             note += f", acceptance {s['acceptance_rate']:.2f}"
-        agree = agreement(generated(r.sequences, prompt_len, pad), ref_rows)
+        agree, _ = agreement(generated_tokens(r.sequences, prompt_len, pad), ref_rows)
         say(
             f"{mode:<15} {s['tokens_per_s']:>6.1f} {s['mean_layers_per_token']:>10.1f} {100 * agree:>8.0f}%  "
             f"{'yes' if same[mode] else 'NO':<22} {note}"

@@ -8,6 +8,8 @@ merge of the same slices bit for bit.
 
 import functools
 import math
+import subprocess
+import sys
 
 import distributed_worker
 import pytest
@@ -310,3 +312,33 @@ def test_vocab_start_outside_the_vocabulary_raises():
 def test_group_without_init_process_group_raises():
     with pytest.raises(ValueError, match="^group: torch.distributed is not initialized"):
         earlyexit.exit_check(torch.randn(3, 8), torch.randn(4, 8), 0.5, group=object())
+
+
+NCCL_ONE_RANK = r"""
+import sys, torch, torch.distributed as dist, earlyexit
+dist.init_process_group("nccl", store=dist.FileStore(sys.argv[1], 1), rank=0, world_size=1)
+torch.cuda.set_device(0)
+g = torch.Generator(device="cuda").manual_seed(0)
+hidden = torch.randn(5, 256, device="cuda", generator=g).to(torch.bfloat16)
+weight = (torch.randn(3000, 256, device="cuda", generator=g) / 16).to(torch.bfloat16)
+norm = torch.rand(256, device="cuda", generator=g) + 0.5
+for backend in ("triton", "cuda", "torch"):
+    if earlyexit.ops.backends.unavailable_reason(backend, "cuda"):
+        continue
+    got = earlyexit.exit_check(hidden, weight, 0.2, norm_weight=norm, group=dist.group.WORLD, backend=backend)
+    want = earlyexit.exit_check(hidden, weight, 0.2, norm_weight=norm, backend=backend)
+    assert torch.equal(got.token, want.token) and torch.equal(got.exit, want.exit), backend
+    torch.testing.assert_close(got.max_prob, want.max_prob, rtol=1e-5, atol=1e-6)
+    print(backend, "ok")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.gpu
+def test_nccl_on_one_gpu(tmp_path):
+    """The NCCL path on CUDA tensors (one rank): packing, the collective and the merge on the device."""
+    proc = subprocess.run(
+        [sys.executable, "-c", NCCL_ONE_RANK, str(tmp_path / "store")], capture_output=True, text=True, timeout=180
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ok" in proc.stdout

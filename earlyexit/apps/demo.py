@@ -41,7 +41,7 @@ class _Progress:
         self.out.flush()
 
 
-def _generated(sequences, prompt_len, pad):
+def generated_tokens(sequences, prompt_len, pad):
     """Per row, the generated token ids up to and excluding trailing padding."""
     rows = []
     for row in sequences[:, prompt_len:].tolist():
@@ -51,7 +51,7 @@ def _generated(sequences, prompt_len, pad):
     return rows
 
 
-def _agreement(tokens, reference):
+def agreement(tokens, reference):
     """(position-wise share of tokens equal to the reference, mean length of the common prefix)."""
     same = total = prefix = 0
     for a, b in zip(tokens, reference):
@@ -126,7 +126,7 @@ def run_demo(
         torch.cuda.synchronize(device)
     ref_s = time.perf_counter() - t0
     bar.finish(ref_s)
-    ref_tokens = _generated(ref, prompt_len, pad)
+    ref_tokens = generated_tokens(ref, prompt_len, pad)
     n_ref = sum(len(r) for r in ref_tokens)
 
     results = {}
@@ -140,7 +140,7 @@ def run_demo(
     eem.progress = None
 
     exit_out = results["exit"]
-    exit_tokens = _generated(exit_out.sequences, prompt_len, pad)
+    exit_tokens = generated_tokens(exit_out.sequences, prompt_len, pad)
     for i, prompt in enumerate(PROMPTS):
         layers = exit_out.exit_layer[i, : len(exit_tokens[i])].tolist()
         out.write(f"\n[{i + 1}] {prompt}\n")
@@ -162,7 +162,7 @@ def run_demo(
     ]
     for mode, res in results.items():
         s = res.stats
-        agree, prefix = _agreement(_generated(res.sequences, prompt_len, pad), ref_tokens)
+        agree, prefix = agreement(generated_tokens(res.sequences, prompt_len, pad), ref_tokens)
         if mode == "exact":
             extra = (
                 f"identical={'yes' if torch.equal(res.sequences, ref) else 'NO'} "
