@@ -17,14 +17,12 @@ Usage: python benchmarks/bench_generate.py [--quick] [--device cuda] [--new-toke
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_utils import environment, format_table, synchronize, write_csv  # noqa: E402
+from bench_utils import environment, format_table, timed_rounds, write_csv  # noqa: E402
 
 from earlyexit import EarlyExitLM  # noqa: E402
 from earlyexit.tuning.calibrate import exit_scores  # noqa: E402
@@ -60,26 +58,6 @@ def threshold_for_rate(model, exit_layer, rate, vocab, device):
     ids = torch.randint(1, vocab, (4, 64), generator=torch.Generator().manual_seed(1))
     scores = exit_scores(EarlyExitLM(model, [exit_layer]), ids, seq_len=64, progress=False).scores[0]
     return torch.quantile(scores[torch.isfinite(scores)], 1 - rate).item()
-
-
-def timed_rounds(runners, device, repeats):
-    """Median wall-clock seconds and last output of each runner, {label: (out, s)}.
-
-    Runners are interleaved, round after round, so that slow drifts of the machine (clock, other
-    tenants) bias none of them; each is run once first as a warm-up (kernels, autotuning, allocator).
-    """
-    for fn in runners.values():
-        fn()
-    times = {label: [] for label in runners}
-    outs = {}
-    for _ in range(repeats):
-        for label, fn in runners.items():
-            synchronize(device)
-            t0 = time.perf_counter()
-            outs[label] = fn()
-            synchronize(device)
-            times[label].append(time.perf_counter() - t0)
-    return {label: (outs[label], statistics.median(t)) for label, t in times.items()}
 
 
 def bench_model(name, model, device, batches, rates, new_tokens, repeats, prompt_len=32):

@@ -80,6 +80,26 @@ def time_fn(fn, device, *, reps=None, warmup=3, cuda_graph=False):
     return statistics.median(times)
 
 
+def timed_rounds(runners, device, repeats):
+    """Median wall-clock seconds and last output of each runner, {label: (out, s)}.
+
+    Runners are interleaved, round after round, so that slow drifts of the machine (clock, other
+    tenants) bias none of them; each is run once first as a warm-up (kernels, autotuning, allocator).
+    """
+    for fn in runners.values():
+        fn()
+    times = {label: [] for label in runners}
+    outs = {}
+    for _ in range(repeats):
+        for label, fn in runners.items():
+            synchronize(device)
+            t0 = time.perf_counter()
+            outs[label] = fn()
+            synchronize(device)
+            times[label].append(time.perf_counter() - t0)
+    return {label: (outs[label], statistics.median(t)) for label, t in times.items()}
+
+
 def _time_cuda_graph(fn, device, per_graph=20):
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))

@@ -6,7 +6,9 @@ and :class:`ExitStats` (vocabulary slices and shards; :mod:`earlyexit.distribute
 :func:`build_info` (what is built and which backends run here);
 ragged batch compaction: :func:`compact`, :func:`partition_rows`, :func:`scatter_rows`;
 :class:`EarlyExitLM` (early-exit generation for HuggingFace models; needs transformers, imported lazily);
-exit heads for models never trained to exit: :func:`train_exit_adapters`, :class:`ExitAdapters`, :func:`calibrate`.
+exit heads for models never trained to exit: :func:`train_exit_adapters`, :class:`ExitAdapters`, :func:`calibrate`;
+a measured cost model for cost-aware calibration: :func:`measure_costs`, :class:`CostModel` (need transformers,
+imported lazily).
 """
 
 __version__ = "0.1.0"
@@ -27,6 +29,7 @@ from earlyexit.tuning.adapters import ExitAdapters, train_exit_adapters  # noqa:
 from earlyexit.tuning.calibrate import calibrate  # noqa: E402
 
 __all__ = [
+    "CostModel",
     "EarlyExitLM",
     "ExitAdapters",
     "ExitResult",
@@ -37,6 +40,7 @@ __all__ = [
     "exit_check",
     "exit_stats",
     "finalize_exit_stats",
+    "measure_costs",
     "merge_exit_stats",
     "partition_rows",
     "scatter_rows",
@@ -51,4 +55,8 @@ def __getattr__(name):
         from earlyexit.hf import EarlyExitLM
 
         return EarlyExitLM
+    if name in ("CostModel", "measure_costs"):
+        from earlyexit.tuning import costs
+
+        return getattr(costs, name)
     raise AttributeError(f"module 'earlyexit' has no attribute {name!r}")

@@ -126,7 +126,7 @@ def test_choose_thresholds_finds_the_known_optimum():
 def test_calibrate_meets_its_target_on_its_own_data(model, measure):
     eem = EarlyExitLM(model, EXITS, measure=measure)
     data = _ids(1024, 6)
-    thresholds, report = calibrate(eem, data, target_agreement=0.9, seq_len=32, progress=False)
+    thresholds, report = calibrate(eem, data, target_agreement=0.9, objective="layers", seq_len=32, progress=False)
     assert eem.thresholds == thresholds and len(thresholds) == len(EXITS)
     assert report.agreement >= 0.9 and report.mean_layers < 6
     # The report is what the policy achieves: recompute it from the scores.
@@ -147,7 +147,7 @@ def test_calibrated_folder_round_trips(model, tmp_path):
 
     adapters = ExitAdapters(EXITS, 64, 300)
     eem = EarlyExitLM(model, EXITS, measure="margin", heads=adapters)
-    _, report = calibrate(eem, _ids(512, 7), target_agreement=0.8, seq_len=32, progress=False)
+    _, report = calibrate(eem, _ids(512, 7), target_agreement=0.8, objective="layers", seq_len=32, progress=False)
     adapters.save(tmp_path)
     save_thresholds(tmp_path, eem, report)
     loaded, policy = load_heads(tmp_path, model)
@@ -177,7 +177,9 @@ def test_train_and_calibrate_on_cuda():
     )
     assert next(adapters.parameters()).device.type == "cuda"
     eem = EarlyExitLM(model, EXITS, heads=adapters)
-    thresholds, report = calibrate(eem, _ids(512, 6), target_agreement=0.9, seq_len=32, progress=False)
+    thresholds, report = calibrate(
+        eem, _ids(512, 6), target_agreement=0.9, objective="layers", seq_len=32, progress=False
+    )
     assert report.agreement >= 0.9 and len(thresholds) == len(EXITS)
     ids = _ids(8, 7).view(2, 4).cuda()
     out = eem.generate(ids, torch.ones_like(ids), max_new_tokens=4)

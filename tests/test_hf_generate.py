@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 from tiny_models import tiny_causal_lm  # noqa: E402
 
 from earlyexit import EarlyExitLM  # noqa: E402
+from earlyexit.hf import DraftPolicy  # noqa: E402
 
 L = 6
 EXITS = [2, 4]
@@ -49,6 +50,7 @@ def test_exact_mode_equals_generate(model, batch):
     ids, am = batch
     ref = _reference(model, ids, am, 12)
     eem = EarlyExitLM(model, EXITS, threshold=0.1)
+    eem.draft = DraftPolicy(EXITS[0], max_tokens=4)  # always draft ("auto" may decode plainly)
     out = eem.generate(ids, am, max_new_tokens=12, mode="exact")
     assert torch.equal(out.sequences, ref)
     assert out.exit_layer.shape == (3, 12)
@@ -240,7 +242,9 @@ def test_exact_mode_cache_is_full_depth(model, batch):
     entry (real token positions, every layer) equals the model's own cache over the same sequence."""
     ids, am = batch
     n = 9
-    out = EarlyExitLM(model, EXITS, threshold=0.1).generate(ids, am, max_new_tokens=n, mode="exact")
+    eem = EarlyExitLM(model, EXITS, threshold=0.1)
+    eem.draft = DraftPolicy(EXITS[0], max_tokens=4)
+    out = eem.generate(ids, am, max_new_tokens=n, mode="exact")
     assert out.stats["acceptance_rate"] > 0  # drafts were kept, so their cache entries were reused
     length = out.cache.layers[0].keys.shape[-2]
     seq = out.sequences[:, :length]

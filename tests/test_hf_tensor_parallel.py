@@ -81,6 +81,7 @@ def _run_modes(model, ids, am):
     out["exact"] = eem.generate(ids, am, max_new_tokens=NEW, mode="exact").sequences
     out["exact_calls"] = dict(calls)
     out["generate"] = _generate(model, ids, am)
+    out["generate_calls"] = dict(calls)
     return out
 
 
@@ -174,8 +175,10 @@ def test_exit_mode_never_gathers_the_lm_head(runs):
         for calls in (r["exit_calls"], r["full_calls"]):
             assert calls["lm_head"] == 0, "exit mode ran the (gathering) lm_head forward"
             assert calls["exit_check"] > 0 and calls["exit_check_local"] == 0
-        # The verifier uses the model's own logits, as generate does (and shows that the hook counts).
-        assert r["exact_calls"]["lm_head"] > 0
+        # Float32 greedy exact mode takes its verifier's tokens from the sharded fused check too;
+        # model.generate runs lm_head (which shows that the hook counts).
+        assert r["exact_calls"]["lm_head"] == 0 and r["exact_calls"]["exit_check_local"] == 0
+        assert r["generate_calls"]["lm_head"] > 0
         # Full depth through the sharded fused check equals greedy generate.
         assert torch.equal(r["full"], reference)
         assert (r["full_layer"] == L).all()

@@ -26,6 +26,10 @@ def save_thresholds(folder, eem, report):
                 calibration_mean_layers=report.mean_layers,
                 target_agreement=report.target_agreement,
                 tokens=report.tokens,
+                objective=report.objective,
+                dropped_layers=list(report.dropped_layers),
+                expected_time_per_token_s=report.time_per_token_s,
+                full_depth_time_per_token_s=report.full_depth_time_s,
             ),
             f,
             indent=2,
@@ -43,8 +47,14 @@ def load_heads(folder, model=None):
     return adapters, policy
 
 
-def run_calibrate(out_dir, exit_layers, *, target_agreement=0.99, measure="max_prob", steps=None, out=sys.stdout):
-    """Train adapters on Python's pydoc text, calibrate thresholds on held-apart text, save to ``out_dir``."""
+def run_calibrate(
+    out_dir, exit_layers, *, target_agreement=0.99, measure="max_prob", objective="time", steps=None, out=sys.stdout
+):
+    """Train adapters on Python's pydoc text, calibrate thresholds on held-apart text, save to ``out_dir``.
+
+    objective: as :func:`earlyexit.calibrate` ("time" may keep fewer exit layers than were trained; the
+    saved policy names the kept ones).
+    """
     model, tokenizer = load_smollm2()
     train = builtin_corpus("train")
     t0 = time.time()
@@ -52,7 +62,7 @@ def run_calibrate(out_dir, exit_layers, *, target_agreement=0.99, measure="max_p
     adapters = train_exit_adapters(model, exit_layers, train[0::2], tokenizer=tokenizer, **kw)
     print(f"trained adapters for layers {list(exit_layers)} in {time.time() - t0:.0f} s", file=out)
     eem = EarlyExitLM(model, exit_layers, measure=measure, heads=adapters)
-    _, report = calibrate(eem, train[1::2], target_agreement=target_agreement, tokenizer=tokenizer)
+    _, report = calibrate(eem, train[1::2], target_agreement=target_agreement, tokenizer=tokenizer, objective=objective)
     os.makedirs(out_dir, exist_ok=True)
     adapters.save(out_dir)
     save_thresholds(out_dir, eem, report)

@@ -28,6 +28,13 @@ def _demo(args):
         exit_layers = heads.exit_layers
         if policy is not None:
             threshold, measure = policy["thresholds"], policy["measure"]
+            # Time-calibrated policies may keep only some of the trained exit layers, or none.
+            exit_layers = tuple(policy["exit_layers"])
+            if not exit_layers:
+                sys.exit(
+                    f"{args.heads}: the calibrated policy turned early exit off (no exit layer pays for its check)"
+                )
+            heads = {k: heads[k] for k in exit_layers}
     run_demo(
         args.device,
         dtype=args.dtype,
@@ -54,6 +61,12 @@ def main(argv=None):
     c.add_argument("--exit-layers", default="12,18,24", help="comma-separated layer counts, each in [1, 30)")
     c.add_argument("--target-agreement", type=float, default=0.99)
     c.add_argument("--measure", default="max_prob", choices=MEASURE_NAMES)
+    c.add_argument(
+        "--objective",
+        default="time",
+        choices=("time", "layers"),
+        help="time: least measured time per token, may drop exit layers; layers: fewest mean layers",
+    )
     c.add_argument("--steps", type=int, default=None, help="adapter training steps (default: the library's)")
     k = sub.add_parser("kernel-demo", help="run the fused exit check on a real-sized head against the reference")
     k.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -70,6 +83,7 @@ def main(argv=None):
             [int(x) for x in args.exit_layers.split(",")],
             target_agreement=args.target_agreement,
             measure=args.measure,
+            objective=args.objective,
             steps=args.steps,
         )
     elif args.command == "kernel-demo":

@@ -7,7 +7,8 @@ except ModuleNotFoundError as e:
         "earlyexit.hf (EarlyExitLM) needs transformers: pip install -e '.[hf]' (or run make test / make demo)"
     ) from e
 
+from earlyexit.hf.draft_policy import DraftPolicy  # noqa: E402
 from earlyexit.hf.early_exit_lm import EarlyExitLM  # noqa: E402
 from earlyexit.hf.generate import GenerateOutput  # noqa: E402
 
-__all__ = ["EarlyExitLM", "GenerateOutput"]
+__all__ = ["DraftPolicy", "EarlyExitLM", "GenerateOutput"]

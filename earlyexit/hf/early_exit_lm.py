@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from earlyexit.hf.draft_policy import AdaptiveDraft, DraftPolicy, FixedDraft
 from earlyexit.hf.forward import ExitSpec
 from earlyexit.hf.generate import generate
 from earlyexit.hf.model_adapter import ModelAdapter
@@ -83,7 +84,11 @@ class EarlyExitLM:
         heads: per-exit adapters before the shared exit head (see the module docstring).
 
     Attributes:
-        draft_tokens: exact mode's drafts per verification pass (default 4).
+        draft: exact mode's draft policy: "auto" (default; depth among the exit layers, draft
+            threshold and block length chosen per round from the call's measured costs and
+            acceptance, down to plain decoding) or a fixed :class:`~earlyexit.hf.DraftPolicy`
+            (``DraftPolicy(None)``: no drafts). See :mod:`earlyexit.hf.draft_policy`.
+        draft_tokens: the most drafts per round under "auto" (default 4; 0 = never draft).
         compaction: True (default) runs the layers after an exit only on the continuing rows; False
             keeps every row and masks the exited ones (a reference path: same tokens, no savings).
         progress: None (default) or a callable called with the number of positions generated so far
@@ -102,6 +107,7 @@ class EarlyExitLM:
         self.measure = measure
         self.thresholds = _check_thresholds(threshold, len(self.exit_layers))
         self.heads = _check_heads(heads, self.exit_layers)
+        self.draft = "auto"
         self.draft_tokens = 4
         self.compaction = True
         self.progress = None
@@ -111,8 +117,34 @@ class EarlyExitLM:
         """L, the decoder layers of the wrapped model."""
         return self.adapter.num_layers
 
+    def set_exit_layers(self, exit_layers, thresholds):
+        """Replace the exit layers and their thresholds (one float or one per layer) together.
+
+        A layer that was an exit layer keeps its head; a new one gets none. An empty list turns early
+        exit off: exit mode then runs every token at full depth, with no exit checks.
+        Raises ValueError like the constructor.
+        """
+        off = isinstance(exit_layers, Sequence) and len(exit_layers) == 0
+        layers = [] if off else _check_exit_layers(exit_layers, self.num_layers)
+        thresholds = _check_thresholds(thresholds, len(layers))
+        heads = dict(zip(self.exit_layers, self.heads))
+        self.exit_layers, self.thresholds, self.heads = layers, thresholds, [heads.get(k) for k in layers]
+
     def _spec(self):
         return ExitSpec(self.exit_layers, self.thresholds, self.heads, self.measure, self.compaction)
+
+    def _draft_policy(self):
+        """A fresh per-call driver of ``self.draft`` (ValueError if it is neither "auto" nor a valid DraftPolicy)."""
+        d, L = self.draft, self.num_layers
+        if isinstance(d, str) and d == "auto":
+            return AdaptiveDraft(L, self.exit_layers, int(self.draft_tokens))
+        if not isinstance(d, DraftPolicy):
+            raise ValueError(f'draft: expected "auto" or a DraftPolicy, got {d!r}')
+        if d.depth is not None and not (isinstance(d.depth, int) and 1 <= d.depth < L):
+            raise ValueError(f"draft: depth must be None or an int in [1, {L}), got {d.depth!r}")
+        if d.depth is not None and not (isinstance(d.max_tokens, int) and d.max_tokens >= 1):
+            raise ValueError(f"draft: max_tokens must be an int >= 1 when drafting, got {d.max_tokens!r}")
+        return FixedDraft(d)
 
     def _special_tokens(self, eos_token_id):
         """(eos tensor or None, pad id): like model.generate, defaults from the model's generation config."""
@@ -190,7 +222,7 @@ class EarlyExitLM:
             eos=eos,
             pad=pad,
             chooser=TokenChooser(do_sample, float(temperature), float(top_p)),
-            draft_tokens=self.draft_tokens,
+            policy=self._draft_policy() if mode == "exact" else None,
             progress=self.progress,
         )
 

@@ -38,13 +38,15 @@ class Counters:
 
     exit_check_s: seconds in exit checks. layer_rows: decoder layers x rows x positions computed.
     propagated_layer_rows: k/v-only layer computations of state propagation.
-    Exact mode: verify_passes, drafted (draft tokens proposed, per row), matched (drafts the verifier agreed with).
+    Exact mode: verify_passes, draft_steps (draft exit checks), drafted (draft tokens verified, per row),
+    matched (drafts the verifier agreed with).
     """
 
     exit_check_s: float = 0.0
     layer_rows: int = 0
     propagated_layer_rows: int = 0
     verify_passes: int = 0
+    draft_steps: int = 0
     drafted: int = 0
     matched: int = 0
 
@@ -108,36 +110,87 @@ def full_forward(adapter, cache, input_ids, attention_mask, running, counters):
 def verify_forward(adapter, cache, block, attention_mask, running, first_states, k, counters):
     """Full-depth pass over a drafted block that reuses what the drafts computed exactly.
 
-    Every running row of every draft step ran at least the first ``k`` layers (k: the first exit layer)
-    from exact inputs, so the cache entries of layers 0..k-1 at the n drafted positions are already
-    the full model's, and so are their hidden states after layer k (``first_states``). Only the last
-    draft token still needs layers 0..k-1; layers k..L-1 then run on all n + 1 positions, overwriting
-    the drafts' computed or propagated entries there. Layers 0..k-1 of the block thus run position by
-    position, as ``model.generate`` runs them.
+    Every running row of every draft step ran at least the first ``k`` layers (k: the draft depth)
+    from exact inputs, so the cache entries of layers 0..k-1 at the drafted positions are already
+    the full model's, and so are their hidden states after layer k (``first_states``). When the
+    drafts computed n of the n + 1 block positions, the last draft token still needs layers 0..k-1
+    (run position by position, as ``model.generate`` runs them); when they computed all n + 1 (the
+    round stopped on a low-confidence draft, which is dropped but whose step ran its input), nothing
+    below k runs again. Layers k..L-1 then run on all n + 1 positions, overwriting whatever the
+    drafts left there (computed, propagated or reserved zeros).
 
     Args:
-        block: [B, n + 1] int64, the pending token then the n drafts; the cache holds the n drafted
-            positions (cache.length = start + n). attention_mask: [B, S], S >= start + n + 1.
-        running: [B] bool, the rows the drafts ran. first_states: [K, n, d] hidden states after layer k
-            of the running rows (in row order) at the drafted positions.
+        block: [B, n + 1] int64, the pending token then the n drafts. The cache holds the drafted
+            positions: cache.length = start + n, or start + n + 1 when ``first_states`` covers the
+            whole block. attention_mask: [B, S], S >= start + n + 1.
+        running: [B] bool, the rows the drafts ran. first_states: [K, n, d] or [K, n + 1, d] hidden
+            states after layer k of the running rows (in row order) at the drafted positions.
 
     Returns:
         (hidden [K, n + 1, d] after the last layer, rows int64 [K]).
     """
     batch, q = block.shape[0], block.shape[1]
-    start = cache.length - (q - 1)
-    r, windows = _prologue(adapter, cache, block[:, -1:], attention_mask, running)
-    view = cache.view(_view_rows(r.rows, batch))
-    last = _run_layers(adapter, range(k), r.hidden, r.masks, windows, r.pos, (r.cos, r.sin), view)
+    if first_states.shape[1] == q:
+        start = cache.length - q
+        h, rows = first_states, compact(running)[1]
+        below = 0
+    else:
+        start = cache.length - (q - 1)
+        r, windows = _prologue(adapter, cache, block[:, -1:], attention_mask, running)
+        last = _run_layers(
+            adapter, range(k), r.hidden, r.masks, windows, r.pos, (r.cos, r.sin), cache.view(_view_rows(r.rows, batch))
+        )
+        h, rows = torch.cat([first_states, last], dim=1), r.rows
+        below = k
     pos = position_ids(attention_mask, start, q)
     masks = build_masks(attention_mask, start, q, adapter.windows, adapter.attn_impl, adapter.dtype)
-    cos, sin = adapter.rotary(last, pos)
+    cos, sin = adapter.rotary(h, pos)
     (cos, sin, pos, *masks_k), _ = compact(running, cos, sin, pos, *masks.values())
     cache.reserved = q  # layers k.. write positions [start, start + q)
-    h = torch.cat([first_states, last], dim=1)
+    view = cache.view(_view_rows(rows, batch))
     h = _run_layers(adapter, range(k, adapter.num_layers), h, masks_k, list(masks), pos, (cos, sin), view)
-    counters.layer_rows += r.rows.shape[0] * (k + (adapter.num_layers - k) * q)
-    return h, r.rows
+    counters.layer_rows += rows.shape[0] * (below + (adapter.num_layers - k) * q)
+    return h, rows
+
+
+def draft_step(adapter, cache, input_ids, attention_mask, running, depth, head, counters):
+    """One draft at a fixed depth E: layers 0..E-1, then the fused exit check through E's head.
+
+    The layers E..L-1 of the new position stay reserved (zeros): only the verification reads or
+    writes them, and it recomputes them for every drafted position.
+
+    Args:
+        input_ids: [B, 1] int64. attention_mask: [B, S], S >= cache.length + 1. running: [B] bool.
+        depth: E, 1 <= E < L. head: None or a callable [K, d] -> [K, d] before the shared head.
+
+    Returns:
+        (tokens int64 [B] (0 for rows not running), max_prob float32 [K] of the draft tokens (NaN for
+        an invalid row), state [K, d] after layer E), the last two in the running rows' order.
+    """
+    batch = input_ids.shape[0]
+    r, windows = _prologue(adapter, cache, input_ids, attention_mask, running)
+    view = cache.view(_view_rows(r.rows, batch))
+    h = _run_layers(adapter, range(depth), r.hidden, r.masks, windows, r.pos, (r.cos, r.sin), view)[:, -1]
+    counters.layer_rows += depth * r.rows.shape[0]
+    t0 = time.perf_counter()
+    res = exit_check(h if head is None else head(h), threshold=1.0, **adapter.exit_head)
+    counters.exit_check_s += time.perf_counter() - t0
+    counters.draft_steps += 1
+    tokens = torch.zeros(batch, dtype=torch.int64, device=input_ids.device)
+    # An invalid row (token -1, NaN probability) drafts token 0, which the verification judges like any draft.
+    scatter_rows(tokens, r.rows, res.token.clamp(min=0))
+    return tokens, res.max_prob, h
+
+
+def plain_step(adapter, cache, input_ids, attention_mask, running, chooser, counters, fused):
+    """One full-depth decoding step without exit checks: next tokens int64 [B] (0 for rows not running).
+
+    input_ids: [B, 1] int64; fused: as in :func:`full_depth_tokens`.
+    """
+    h, rows = full_forward(adapter, cache, input_ids, attention_mask, running, counters)
+    tokens = torch.zeros(input_ids.shape[0], dtype=torch.int64, device=input_ids.device)
+    scatter_rows(tokens, rows, full_depth_tokens(adapter, chooser, h[:, -1], fused))
+    return tokens
 
 
 def _timed_check(spec, i, hidden, adapter, counters):
@@ -153,16 +206,16 @@ def _timed_check(spec, i, hidden, adapter, counters):
     return x, res.token, exits
 
 
-def _full_depth_tokens(adapter, chooser, hidden):
-    """Next tokens of rows that ran every layer, from their last hidden states [K, d].
+def full_depth_tokens(adapter, chooser, hidden, fused=True):
+    """Next tokens of rows that ran every layer, from their last hidden states [K, d] -> int64 [K].
 
-    Greedy: the fused exit check over the model's own head (final norm + lm_head) gives the argmax of
-    the float32 logits without materializing [K, V] of them (on a 2-core CPU, 4x faster than lm_head at
-    SmolLM2's 49152 x 576 head); ties go to the lowest index as in torch.argmax. Rows whose logits are not
-    finite get torch's argmax of the materialized logits, as model.generate would. Sampling needs the
-    logits themselves.
+    Greedy with ``fused``: the fused exit check over the model's own head (final norm + lm_head) gives
+    the argmax of the float32 logits without materializing [K, V] of them (on a 2-core CPU, 4x faster
+    than lm_head at SmolLM2's 49152 x 576 head); ties go to the lowest index as in torch.argmax. Rows
+    whose logits are not finite get torch's argmax of the materialized logits, as model.generate would.
+    ``fused=False`` (or sampling, which needs the logits themselves) uses the model's logits.
     """
-    if chooser.do_sample:
+    if chooser.do_sample or not fused:
         return chooser(adapter.logits(hidden))
     tokens = exit_check(hidden, threshold=1.0, **adapter.exit_head).token
     invalid = tokens < 0
@@ -233,7 +286,7 @@ def exit_step(adapter, cache, spec, input_ids, attention_mask, running, chooser,
 
     if rows.shape[0] > 0:
         live = rows[~done]
-        scatter_rows(tokens, live, _full_depth_tokens(adapter, chooser, h[~done][:, -1]))
+        scatter_rows(tokens, live, full_depth_tokens(adapter, chooser, h[~done][:, -1]))
         scatter_rows(exit_layer, live, torch.full_like(live, num_layers))
     _propagate(adapter, cache, spec, exit_hidden, exit_layer, running, r, counters)
     return tokens, exit_layer

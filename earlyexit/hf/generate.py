@@ -12,8 +12,15 @@ from dataclasses import dataclass
 import torch
 
 from earlyexit.hf.cache import RowCache
-from earlyexit.hf.forward import Counters, exit_step, full_forward, verify_forward
-from earlyexit.hf.sampling import TokenChooser
+from earlyexit.hf.forward import (
+    Counters,
+    draft_step,
+    exit_step,
+    full_depth_tokens,
+    full_forward,
+    plain_step,
+    verify_forward,
+)
 
 
 @dataclass
@@ -50,6 +57,7 @@ class _Run:
         self.progress = progress
         self.unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
         self.tokens, self.layers = [], []
+        self.rounds = []  # exact mode: (DraftPolicy or None for a plain step, drafts verified) per round
         # Invariant: attention_mask covers the cached positions plus the one of `pending`.
         self.attention_mask = attention_mask
         self.pending = input_ids[:, -1:]
@@ -88,12 +96,13 @@ def generate_exit(adapter, spec, input_ids, attention_mask, max_new_tokens, eos,
     return run
 
 
-def _accept(chooser, logits, drafts):
+def _accept(chooser, adapter, hidden, drafts, fused):
     """How many drafts each row accepts, and the token that follows them.
 
     Args:
-        logits: [K, n + 1, V] full-depth logits at the pending position and after each draft.
-        drafts: [K, n] int64 greedy drafts.
+        hidden: [K, n + 1, d] full-depth hidden states at the pending position and after each draft.
+        drafts: [K, n] int64 greedy drafts. fused: greedy targets from the fused head (see
+            :func:`~earlyexit.hf.forward.full_depth_tokens`) instead of the materialized logits.
 
     Returns:
         (accepted int64 [K], target int64 [K, n + 1]): row r keeps drafts[r, :accepted[r]] and then
@@ -105,10 +114,10 @@ def _accept(chooser, logits, drafts):
     """
     n = drafts.shape[1]
     if not chooser.do_sample:
-        target = logits.argmax(-1)
+        target = full_depth_tokens(adapter, chooser, hidden.flatten(0, 1), fused).view(hidden.shape[:2])
         accepted = (drafts == target[:, :n]).long().cumprod(1).sum(1)
         return accepted, target
-    probs = chooser.probs(logits)
+    probs = chooser.probs(adapter.logits(hidden))
     p_draft = probs[:, :n].gather(-1, drafts[..., None]).squeeze(-1)
     accepted = (torch.rand_like(p_draft) < p_draft).long().cumprod(1).sum(1)
     p_next = probs[torch.arange(drafts.shape[0], device=drafts.device), accepted]  # [K, V]
@@ -120,53 +129,87 @@ def _accept(chooser, logits, drafts):
     return accepted, target.scatter(1, accepted[:, None], torch.multinomial(p_next, 1))
 
 
-def generate_exact(adapter, spec, input_ids, attention_mask, max_new_tokens, eos, pad, chooser, draft_tokens, progress):
-    """Exact mode: draft with early exits, verify each block with one full-depth pass.
+def _clock(device):
+    """perf_counter after the device's queued work (the round timings the draft policy learns from)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
-    The verification reuses the drafts' first exit-layer's worth of layers (exact for every drafted
-    position, see :func:`~earlyexit.hf.forward.verify_forward`) and runs the deeper layers on the
-    whole block. Rows of a batch share cache positions, so each round keeps the shortest accepted
-    prefix over the running rows (plus the verifier's next token) and crops the rest of the cache.
+
+def _draft(adapter, spec, run, running, choice):
+    """Draft steps of one round at ``choice.depth``.
+
+    Returns (drafts: list of int64 [B] kept, states: list of [K, d] after layer E, one per draft
+    step, confidences: min-over-rows probability of each step (float)). A step whose probability
+    is below the threshold ends the round and its draft is dropped; its state (of its input, the
+    last kept token) stays, so the verification needs nothing below E.
+    """
+    depth = choice.depth
+    head = spec.heads[spec.exit_layers.index(depth)] if depth in spec.exit_layers else None
+    drafts, states, confidences = [], [], []
+    pending, am = run.pending, run.attention_mask
+    for _ in range(choice.max_tokens):
+        tok, prob, state = draft_step(adapter, run.cache, pending, am, running, depth, head, run.counters)
+        states.append(state)
+        # NaN (an invalid row) counts as 0: it never passes a threshold.
+        confidences.append(float(torch.nan_to_num(prob, nan=0.0).min()))
+        if confidences[-1] < choice.threshold:
+            break
+        drafts.append(tok)
+        pending = tok[:, None]
+        am = torch.cat([am, am.new_ones(am.shape[0], 1)], dim=1)
+    return drafts, states, confidences
+
+
+def generate_exact(adapter, spec, input_ids, attention_mask, max_new_tokens, eos, pad, chooser, policy, progress):
+    """Exact mode: rounds of drafts at a fixed depth E verified by one full-depth pass, or plain steps.
+
+    ``policy`` (:mod:`~earlyexit.hf.draft_policy`) chooses each round's depth, draft threshold and
+    block length, and learns from the round's timings and acceptance. The verification reuses the
+    drafts' layers 0..E-1 (exact for every drafted position, see
+    :func:`~earlyexit.hf.forward.verify_forward`) and runs layers E..L-1 on the whole block. Rows of a
+    batch share cache positions, so each round keeps the shortest accepted prefix over the running
+    rows (plus the verifier's next token) and crops the rest of the cache.
     """
     run = _Run(adapter, input_ids, attention_mask, eos, pad, progress)
-    greedy = TokenChooser(False, 1.0, 1.0)
-    num_layers, batch = adapter.num_layers, input_ids.shape[0]
+    # Float32 greedy: the fused head's argmax matches the logits'; half precision keeps the rounded
+    # logits, whose ties model.generate breaks by index.
+    fused = adapter.dtype == torch.float32
+    num_layers, batch, device = adapter.num_layers, input_ids.shape[0], input_ids.device
     c = run.counters
     produced, done = 0, False
     while not done:
         running = run.unfinished.clone()
-        n = min(draft_tokens, max_new_tokens - produced - 1)
-        drafts, draft_layers, first_states, pending, am = [], [], [], run.pending, run.attention_mask
-        for _ in range(n):
-            tok, lay = exit_step(adapter, run.cache, spec, pending, am, running, greedy, c, first_states)
-            drafts.append(tok)
-            draft_layers.append(lay)
-            pending = tok[:, None]
-            am = torch.cat([am, am.new_ones(batch, 1)], dim=1)
-
-        block = torch.cat([run.pending] + [d[:, None] for d in drafts], dim=1)  # [B, n + 1]
-        if n:
-            states = torch.stack(first_states, dim=1)  # [K, n, d]
-            hidden, rows = verify_forward(
-                adapter, run.cache, block, run.ones(n), running, states, spec.exit_layers[0], c
-            )
+        choice = policy.choose(max_new_tokens - produced - 1)
+        t0 = _clock(device)
+        if choice.depth is None:
+            tok = plain_step(adapter, run.cache, run.pending, run.attention_mask, running, chooser, c, fused)
+            policy.observe_plain(_clock(device) - t0)
+            run.rounds.append((None, 0))
+            new, layers = tok[:, None], torch.full((batch, 1), num_layers, dtype=torch.int64, device=device)
+            a = 0
         else:
-            hidden, rows = full_forward(adapter, run.cache, block, run.ones(n), running, c)
-        accepted, target = _accept(chooser, adapter.logits(hidden), block[rows, 1:])
-        a = int(accepted.min())
-        c.verify_passes += 1
-        c.drafted += n * rows.shape[0]
-        c.matched += int(accepted.sum())
-        run.cache.crop(n - a)
-
-        new = torch.full((batch, a + 1), pad, dtype=torch.int64, device=block.device)
-        new[rows] = target[:, : a + 1]
-        full = torch.full((batch, 1), num_layers, dtype=torch.int64, device=block.device)
-        layers = torch.cat([torch.stack(draft_layers, 1), full], 1) if n else full
-        # A token's layer count is the draft's while the row's drafts were accepted, else full depth.
-        from_draft = torch.zeros(batch, n + 1, dtype=torch.bool, device=block.device)
-        from_draft[rows] = torch.arange(n + 1, device=block.device) < accepted[:, None]
-        layers = torch.where(from_draft, layers, num_layers)
+            drafts, states, confidences = _draft(adapter, spec, run, running, choice)
+            t1 = _clock(device)
+            n = len(drafts)
+            block = torch.cat([run.pending] + [d[:, None] for d in drafts], dim=1)  # [B, n + 1]
+            hidden, rows = verify_forward(
+                adapter, run.cache, block, run.ones(n), running, torch.stack(states, 1), choice.depth, c
+            )
+            accepted, target = _accept(chooser, adapter, hidden, block[rows, 1:], fused)
+            a = int(accepted.min())
+            policy.observe_round(choice.depth, confidences, n, a, t1 - t0, _clock(device) - t1)
+            run.rounds.append((choice, n))
+            c.verify_passes += 1
+            c.drafted += n * rows.shape[0]
+            c.matched += int(accepted.sum())
+            run.cache.crop(n - a)
+            new = torch.full((batch, a + 1), pad, dtype=torch.int64, device=device)
+            new[rows] = target[:, : a + 1]
+            # A token's layer count is E while the row's drafts were accepted, else full depth.
+            from_draft = torch.zeros(batch, a + 1, dtype=torch.bool, device=device)
+            from_draft[rows] = torch.arange(a + 1, device=device) < accepted[:, None]
+            layers = torch.where(from_draft, choice.depth, num_layers)
         for i in range(a + 1):
             done = run.emit(new[:, i], layers[:, i])
             produced += 1
@@ -178,24 +221,48 @@ def generate_exact(adapter, spec, input_ids, attention_mask, max_new_tokens, eos
     return run
 
 
+def _draft_stats(rounds):
+    """Exact mode's policy statistics from the rounds [(DraftPolicy or None for a plain step, drafts verified)]."""
+    drafting = [(p, n) for p, n in rounds if p is not None]
+
+    def most_common(values):
+        return max(set(values), key=values.count) if values else None
+
+    blocks = [n for _, n in drafting]
+    return {
+        "plain_steps": len(rounds) - len(drafting),
+        "draft_rounds": len(drafting),
+        "draft_depth": most_common([p.depth for p, _ in drafting]),
+        "draft_threshold": most_common([p.threshold for p, _ in drafting]),
+        "block_lengths": {n: blocks.count(n) for n in sorted(set(blocks))},
+        "mean_block_length": sum(blocks) / len(blocks) if blocks else 0.0,
+    }
+
+
 def _stats(run, spec, mode, seconds, exit_layer):
     """Statistics of a generate call (counted over generated tokens, not the padding after a row finished).
 
     mean_layers_per_token, layer_compute_skipped (1 - decoder-layer row computations / (L x tokens);
     negative when more than full depth was computed, as exact mode can), tokens_per_exit_layer
-    {k: count} (L = full depth), new_tokens, seconds, tokens_per_s, exit_check_time_share,
-    propagated_layer_rows (k/v-only layer computations of state propagation); exact mode also
-    acceptance_rate (share of drafts equal to the verifier's token, per row) and
-    full_depth_passes_per_token (verification passes per generated position).
+    {k: count} (the exit layers, any other draft depth used, and L = full depth), new_tokens,
+    seconds, tokens_per_s, exit_check_time_share, propagated_layer_rows (k/v-only layer
+    computations of state propagation); exact mode also
+    acceptance_rate (share of verified drafts equal to the verifier's token, per row),
+    full_depth_passes_per_token (verification passes per generated position; plain steps are not
+    counted), draft_steps (draft exit checks run), plain_steps, draft_rounds, draft_depth and
+    draft_threshold (the most used in drafting rounds; None without any), block_lengths {drafts
+    verified: rounds} and mean_block_length over drafting rounds.
     """
     num_layers = run.adapter.num_layers
     generated = exit_layer > 0
     n_tok = int(generated.sum())
     c = run.counters
+    # Exact mode may draft at a depth that is no exit layer.
+    layers = {*spec.exit_layers, num_layers, *exit_layer[generated].unique().tolist()}
     stats = {
         "mean_layers_per_token": float(exit_layer[generated].float().mean()) if n_tok else 0.0,
         "layer_compute_skipped": 1.0 - c.layer_rows / (num_layers * n_tok) if n_tok else 0.0,
-        "tokens_per_exit_layer": {k: int((exit_layer == k).sum()) for k in [*spec.exit_layers, num_layers]},
+        "tokens_per_exit_layer": {k: int((exit_layer == k).sum()) for k in sorted(layers)},
         "new_tokens": n_tok,
         "seconds": seconds,
         "tokens_per_s": n_tok / seconds if seconds > 0 else float("inf"),
@@ -205,14 +272,17 @@ def _stats(run, spec, mode, seconds, exit_layer):
     if mode == "exact":
         stats["acceptance_rate"] = c.matched / c.drafted if c.drafted else 0.0
         stats["full_depth_passes_per_token"] = c.verify_passes / exit_layer.shape[1] if exit_layer.shape[1] else 0.0
+        stats["draft_steps"] = c.draft_steps
+        stats.update(_draft_stats(run.rounds))
     return stats
 
 
 def generate(
-    adapter, spec, input_ids, attention_mask, *, max_new_tokens, mode, eos, pad, chooser, draft_tokens, progress=None
+    adapter, spec, input_ids, attention_mask, *, max_new_tokens, mode, eos, pad, chooser, policy=None, progress=None
 ):
     """Run one mode and package sequences, exit layers and statistics as a :class:`GenerateOutput`.
 
+    policy: exact mode's draft policy driver (:mod:`~earlyexit.hf.draft_policy`), fresh per call.
     progress: None or a callable receiving the number of positions generated so far, after each one.
     """
     device = input_ids.device
@@ -224,7 +294,7 @@ def generate(
             run = generate_exit(adapter, spec, input_ids, attention_mask, max_new_tokens, eos, pad, chooser, progress)
         else:
             run = generate_exact(
-                adapter, spec, input_ids, attention_mask, max_new_tokens, eos, pad, chooser, draft_tokens, progress
+                adapter, spec, input_ids, attention_mask, max_new_tokens, eos, pad, chooser, policy, progress
             )
     if device.type == "cuda":
         torch.cuda.synchronize(device)

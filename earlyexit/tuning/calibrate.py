@@ -3,8 +3,10 @@
 Teacher-forced on calibration text, each position is scored at every exit layer by the same fused
 exit check generation uses (with the EarlyExitLM's heads and measure). A policy "exit at the first
 exit layer whose confidence passes its threshold" is then simulated for candidate thresholds; a
-greedy search lowers thresholds where that saves the most layers per unit of agreement lost, while
-agreement with the full-depth token stays >= the target.
+greedy search lowers thresholds where that saves the most cost per unit of agreement lost, while
+agreement with the full-depth token stays >= the target. The cost is mean layers per token
+(``objective="layers"``) or the expected time per token of a measured cost model, which also decides
+which exit layers to keep (``objective="time"``, :mod:`earlyexit.tuning.time_objective`).
 """
 
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ from earlyexit.tuning.teacher_forcing import collect_states
 from earlyexit.tuning.text_data import token_windows
 
 _STEPS = (1, 2, 4, 8, 16, 32)
+OBJECTIVES = ("time", "layers")
 
 
 @dataclass
@@ -29,6 +32,10 @@ class CalibrationReport:
         mean_layers: mean decoder layers run per token; num_layers: L.
         exit_fraction: {exit layer: fraction of tokens exiting there}; the rest run full depth.
         tokens: positions evaluated; target_agreement: the goal (None when only evaluated).
+        objective: "layers" or "time". With "time" also: time_per_token_s and full_depth_time_s (expected
+        seconds per token of the policy and of full depth, batch size 1), dropped_layers (exit layers
+        removed; exit_fraction names the kept ones, none when early exit is off) and margin (agreement
+        added to the target for held-out text).
     """
 
     thresholds: list
@@ -40,20 +47,38 @@ class CalibrationReport:
     measure: str
     target_agreement: float = None
     extra: dict = field(default_factory=dict)
+    objective: str = "layers"
+    time_per_token_s: float = None
+    full_depth_time_s: float = None
+    dropped_layers: list = field(default_factory=list)
+    margin: float = 0.0
 
     @property
     def layer_fraction(self):
         """mean_layers / L: the share of layer compute that still runs."""
         return self.mean_layers / self.num_layers
 
+    @property
+    def time_fraction(self):
+        """time_per_token_s / full_depth_time_s (None without a time objective)."""
+        return None if self.time_per_token_s is None else self.time_per_token_s / self.full_depth_time_s
+
     def __str__(self):
         thr = ", ".join(f"{k}: {t:.4g}" for k, t in zip(self.exit_fraction, self.thresholds))
         exits = ", ".join(f"{k}: {f:.1%}" for k, f in self.exit_fraction.items())
         goal = "" if self.target_agreement is None else f" (target {self.target_agreement:.2%})"
-        return (
+        text = (
             f"{self.measure} thresholds {{{thr}}}: agreement {self.agreement:.2%}{goal}, "
             f"{self.mean_layers:.2f} of {self.num_layers} layers ({self.layer_fraction:.1%}) on {self.tokens} tokens; "
             f"exits {{{exits}}}"
+        )
+        if self.time_per_token_s is None:
+            return text
+        off = "early exit OFF (no exit layer pays for its checks); " if not self.exit_fraction else ""
+        return (
+            f"{text}; {off}expected {self.time_per_token_s * 1e3:.3f} ms/token vs {self.full_depth_time_s * 1e3:.3f} "
+            f"ms at full depth ({self.time_fraction:.1%}); dropped layers {self.dropped_layers}; "
+            f"target margin +{self.margin:.2%}"
         )
 
 
@@ -67,6 +92,11 @@ class ExitScores:
     exit_layers: list
     num_layers: int
     measure: str
+
+    def subset(self, idx):
+        """The ExitScores of the exit layers at indices ``idx`` (a list of ints) only."""
+        layers = [self.exit_layers[i] for i in idx]
+        return ExitScores(self.scores[idx], self.correct[idx], layers, self.num_layers, self.measure)
 
 
 def _to_score(confidence, measure):
@@ -135,6 +165,8 @@ def simulate(scores, thresholds):
     Returns:
         (agreement, mean_layers, exit_counts [m]) as (float, float, LongTensor).
     """
+    if not scores.exit_layers:  # no exit layer: every token runs full depth
+        return 1.0, float(scores.num_layers), torch.zeros(0, dtype=torch.int64)
     passes = scores.scores >= thresholds[:, None]
     any_pass = passes.any(0)
     first = passes.int().argmax(0)  # the first passing layer (argmax returns the first maximum)
@@ -143,6 +175,19 @@ def simulate(scores, thresholds):
     ok = torch.where(any_pass, scores.correct.gather(0, first[None])[0], True)
     counts = torch.bincount(first[any_pass], minlength=len(scores.exit_layers))
     return ok.float().mean().item(), layers.mean().item(), counts
+
+
+def candidate_thresholds(scores, quantiles=128):
+    """Per exit layer, the thresholds a search tries: +inf (never), then the scores' quantiles, decreasing.
+
+    Returns a list of m float tensors.
+    """
+    cands = []
+    for j in range(scores.scores.shape[0]):
+        s = scores.scores[j][torch.isfinite(scores.scores[j])]
+        qs = torch.quantile(s, torch.linspace(0, 1, quantiles)) if s.numel() else torch.empty(0)
+        cands.append(torch.cat([torch.tensor([torch.inf]), torch.unique(qs).flip(0)]))
+    return cands
 
 
 def choose_thresholds(scores, target_agreement, quantiles=128):
@@ -154,11 +199,7 @@ def choose_thresholds(scores, target_agreement, quantiles=128):
     Returns a float tensor [m] of score thresholds.
     """
     m = scores.scores.shape[0]
-    cands = []
-    for j in range(m):
-        s = scores.scores[j][torch.isfinite(scores.scores[j])]
-        qs = torch.quantile(s, torch.linspace(0, 1, quantiles)) if s.numel() else torch.empty(0)
-        cands.append(torch.cat([torch.tensor([torch.inf]), torch.unique(qs).flip(0)]))
+    cands = candidate_thresholds(scores, quantiles)
     idx = [0] * m
     cur = torch.tensor([c[0] for c in cands])
     acc, lay, _ = simulate(scores, cur)
@@ -204,27 +245,84 @@ def to_score_thresholds(thresholds, measure):
     return torch.tensor([float(_from_score(torch.tensor(float(t)), measure)) for t in thresholds])
 
 
-def calibrate(eem, data, *, target_agreement=0.99, tokenizer=None, seq_len=128, max_tokens=8192, progress=True):
-    """Choose per-exit-layer thresholds for ``eem`` on calibration data, and apply them.
+def _check_costs(costs, eem):
+    from earlyexit.tuning.costs import CostModel  # needs transformers, as eem does
 
-    Teacher-forced on ``data``, the chosen thresholds give an agreement with the full-depth token
-    of at least ``target_agreement`` (on this data) with as few mean layers per token as the
-    greedy search finds.
+    if costs is None:
+        return
+    if not isinstance(costs, CostModel):
+        raise ValueError(f"costs: expected None or a CostModel (earlyexit.measure_costs), got {type(costs).__name__}")
+    missing = sorted(set(eem.exit_layers) - set(costs.exit_check))
+    if costs.num_layers != eem.num_layers or missing:
+        raise ValueError(
+            f"costs: measured for {costs.num_layers} layers and exit layers {sorted(costs.exit_check)}, "
+            f"but the model has {eem.num_layers} layers and exit layers {eem.exit_layers}"
+        )
+
+
+def calibrate(
+    eem,
+    data,
+    *,
+    target_agreement=0.99,
+    tokenizer=None,
+    objective="time",
+    costs=None,
+    seq_len=128,
+    max_tokens=8192,
+    progress=True,
+):
+    """Choose exit thresholds (and, by time, exit layers) for ``eem`` on calibration data, and apply them.
+
+    Teacher-forced on ``data``, the chosen policy gives an agreement with the full-depth token of at
+    least ``target_agreement`` on this data, as cheaply as the greedy search finds:
+
+    - ``objective="time"`` (default): least expected time per token at batch size 1 under the cost
+      model ``costs`` (measured with :func:`earlyexit.measure_costs` when None). Exit layers whose checks
+      cost more than they save are dropped (``eem.set_exit_layers``; none left: early exit off), and the
+      target is first raised by the agreement a policy loses between two halves of the data
+      (see :mod:`earlyexit.tuning.time_objective`).
+    - ``objective="layers"``: fewest mean layers per token, every exit layer kept, the target as given.
 
     Args:
         eem: an :class:`earlyexit.EarlyExitLM` (its heads and measure are used; its thresholds are set).
         data: list of strings (needs ``tokenizer``) or a LongTensor of token ids.
         target_agreement: in (0, 1].
+        costs: None or a :class:`earlyexit.CostModel` of ``eem`` (used with objective="time").
         seq_len, max_tokens: teacher-forcing windows and the token budget.
     Returns:
         (thresholds, report): the list set on ``eem.thresholds`` and a :class:`CalibrationReport`.
     Raises:
-        ValueError: a target outside (0, 1], empty data, strings without a tokenizer.
+        ValueError: a target outside (0, 1], unknown objective, costs not a CostModel of this model,
+        empty data, strings without a tokenizer, an EarlyExitLM without exit layers.
     """
     if not isinstance(target_agreement, (int, float)) or not 0 < target_agreement <= 1:
         raise ValueError(f"target_agreement: expected a value in (0, 1], got {target_agreement!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
+    _check_costs(costs, eem)
+    if not eem.exit_layers:
+        raise ValueError("eem: has no exit layers (early exit is off); wrap the model again with exit layers")
     scores = exit_scores(eem, data, tokenizer=tokenizer, seq_len=seq_len, max_tokens=max_tokens, progress=progress)
-    chosen = choose_thresholds(scores, target_agreement)
-    report = report_for(scores, chosen, target_agreement)
-    eem.thresholds = list(report.thresholds)
+    if objective == "layers":
+        chosen = choose_thresholds(scores, target_agreement)
+        report = report_for(scores, chosen, target_agreement)
+        eem.thresholds = list(report.thresholds)
+        return report.thresholds, report
+    from earlyexit.tuning.costs import measure_costs
+    from earlyexit.tuning.time_objective import time_policy  # builds on this module's search
+
+    policy = time_policy(scores, measure_costs(eem) if costs is None else costs, target_agreement)
+    report = time_report(scores, policy, target_agreement)
+    eem.set_exit_layers(list(report.exit_fraction), report.thresholds)
     return report.thresholds, report
+
+
+def time_report(scores, policy, target_agreement=None):
+    """A :class:`CalibrationReport` of a :class:`~earlyexit.tuning.time_objective.TimePolicy` on ``scores``."""
+    report = report_for(scores.subset(policy.kept), policy.thresholds[policy.kept], target_agreement)
+    report.objective = "time"
+    report.time_per_token_s, report.full_depth_time_s = policy.time_s, policy.full_depth_s
+    report.dropped_layers = [k for i, k in enumerate(scores.exit_layers) if i not in policy.kept]
+    report.margin = policy.margin
+    return report

@@ -1,0 +1,170 @@
+"""Exact mode's draft policy: how deep to draft, when to stop drafting, how many drafts per round.
+
+A round drafts at a fixed depth E (layers 0..E-1, then the fused exit check through E's head), stops
+at the first draft whose probability falls below the draft threshold (that draft is dropped: the
+verification already has its input's states) or after ``max_tokens`` drafts, then verifies the
+block at full depth. Depth None is plain decoding: one full-depth step per round, no exit check.
+
+:class:`DraftPolicy` is a fixed configuration. :class:`AdaptiveDraft` ("auto") chooses one per round
+from what the same generate call has measured so far: the wall time of plain steps, draft steps per
+depth and verifications, and the acceptance of drafts by depth and confidence. It picks the
+configuration with the most expected tokens per second and decodes plainly when no drafting beats
+plain steps, re-trying one draft now and then so the estimates can recover, as long as what the
+drafting rounds lost against plain steps (plus the next probe's worst case) stays within
+:data:`EXPLORE_BUDGET` of the time so far.
+"""
+
+from dataclasses import dataclass
+
+#: Draft thresholds (draft-token probability) the adaptive policy chooses from; 0 never stops early.
+THRESHOLDS = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95)
+
+#: Share of the call's time that losing drafting rounds may cost before probes pause.
+EXPLORE_BUDGET = 0.03
+
+
+@dataclass(frozen=True)
+class DraftPolicy:
+    """A fixed draft configuration for ``EarlyExitLM.draft``.
+
+    depth: E, draft after the first E decoder layers (1 <= E < L) through E's exit head if E is an
+        exit layer, else the shared head; None = no drafting (plain full-depth decoding).
+    threshold: stop drafting at the first draft whose probability (max_prob at E) is below it; 0
+        never stops early.
+    max_tokens: most drafts per round (>= 1 when drafting).
+    """
+
+    depth: int | None = None
+    threshold: float = 0.0
+    max_tokens: int = 4
+
+
+class FixedDraft:
+    """The per-call driver of a :class:`DraftPolicy`: the same choice every round, nothing learned."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def choose(self, limit):
+        """The configuration of the next round; limit: most drafts the round may make (>= 0)."""
+        p = self.policy
+        if p.depth is None or min(p.max_tokens, limit) < 1:
+            return DraftPolicy(None)
+        return DraftPolicy(p.depth, p.threshold, min(p.max_tokens, limit))
+
+    def observe_plain(self, seconds):
+        """A plain step took ``seconds``."""
+
+    def observe_round(self, depth, confidences, drafted, accepted, draft_s, verify_s):
+        """A drafting round: see :meth:`AdaptiveDraft.observe_round`."""
+
+
+class _Ema:
+    """Exponential moving average that starts at its first observation."""
+
+    def __init__(self, weight=0.3):
+        self.value, self.weight = None, weight
+
+    def add(self, x):
+        self.value = x if self.value is None else (1 - self.weight) * self.value + self.weight * x
+
+
+class AdaptiveDraft:
+    """Online choice of (depth, threshold, max_tokens) from costs and acceptance measured in the call.
+
+    Model of a round at depth E, threshold t, at most n drafts, with p = P(draft probability >= t)
+    and a = P(accepted | confident, previous accepted), both measured at E (a starts from a prior
+    that grows with E): draft steps 1 + p + ... + p^(n-1), verified drafts m = p + ... + p^n,
+    tokens 1 + sum_i (p a)^i; time = steps x draft_s(E) + verify, verify = plain_s x ((L - E) / L x
+    (1 + beta x m) + p^n x E / L) (layers E.. on the block, plus layers ..E of the last draft when no
+    draft stopped the round). beta, the cost of one more verified position relative to one, is
+    measured from the verifications.
+
+    Args:
+        num_layers: L. depths: candidate draft depths (the exit layers). max_tokens: most drafts per
+            round (0 = never draft).
+    """
+
+    def __init__(self, num_layers, depths, max_tokens):
+        self.num_layers = num_layers
+        self.depths = list(depths)
+        self.max_tokens = max_tokens
+        self.plain_s = _Ema()
+        self.draft_s = {e: _Ema() for e in self.depths}
+        self.beta = _Ema()
+        # Per depth: (min-over-rows draft probability, accepted or None for dropped drafts).
+        self.seen = {e: [] for e in self.depths}
+        self.best = None  # (rate, DraftPolicy) of the best drafting configuration, None = recompute
+        self.elapsed_s = 0.0  # time of all rounds so far
+        self.lost_s = 0.0  # time drafting rounds took beyond plain steps for the same tokens
+
+    def _rate(self, e, t, n):
+        """Expected tokens per second of drafting at depth e, threshold t, at most n drafts."""
+        L, plain = self.num_layers, self.plain_s.value
+        seen = self.seen[e]
+        confident = [acc for c, acc in seen if c >= t]
+        p = 1.0 if t == 0 else (len(confident) + 0.5) / (len(seen) + 1)
+        verified = [acc for acc in confident if acc is not None]
+        prior = 0.8 * e / L
+        a = (sum(verified) + 2 * prior) / (len(verified) + 2)
+        steps = sum(p**i for i in range(n))
+        m = sum(p**i for i in range(1, n + 1))
+        tokens = 1 + sum((p * a) ** i for i in range(1, n + 1))
+        draft = self._draft_cost(e)
+        beta = 0.1 if self.beta.value is None else self.beta.value
+        verify = plain * ((L - e) / L * (1 + beta * m) + p**n * e / L)
+        return tokens / (steps * draft + verify)
+
+    def _draft_cost(self, e):
+        """Seconds of one draft step at depth e: measured, else e layers and about two for the exit check."""
+        return self.draft_s[e].value or self.plain_s.value * (e + 2) / self.num_layers
+
+    def _best(self):
+        if self.best is None:
+            candidates = [
+                DraftPolicy(e, t, n) for e in self.depths for t in THRESHOLDS for n in range(1, self.max_tokens + 1)
+            ]
+            rates = [self._rate(c.depth, c.threshold, c.max_tokens) for c in candidates]
+            i = max(range(len(rates)), key=rates.__getitem__)
+            self.best = rates[i], candidates[i]
+        return self.best
+
+    def choose(self, limit):
+        """The configuration of the next round; limit: most drafts the round may make (>= 0)."""
+        if self.plain_s.value is None or min(self.max_tokens, limit) < 1 or not self.depths:
+            return DraftPolicy(None)
+        rate, best = self._best()
+        if rate * self.plain_s.value > 1.0:
+            return DraftPolicy(best.depth, best.threshold, min(best.max_tokens, limit))
+        # A probe: the most promising drafting configuration with one draft, when the budget covers
+        # the losses so far plus this probe's worst case (about one draft step).
+        if self.lost_s + self._draft_cost(best.depth) <= EXPLORE_BUDGET * self.elapsed_s:
+            return DraftPolicy(best.depth, best.threshold, 1)
+        return DraftPolicy(None)
+
+    def observe_plain(self, seconds):
+        """A plain step took ``seconds``."""
+        self.plain_s.add(seconds)
+        self.elapsed_s += seconds
+
+    def observe_round(self, depth, confidences, drafted, accepted, draft_s, verify_s):
+        """A drafting round at ``depth``.
+
+        confidences: the min-over-rows probability of each draft step (the last one dropped when
+        ``drafted`` < len(confidences)); drafted: drafts verified; accepted: drafts kept (min over
+        rows); draft_s, verify_s: wall time of the draft steps and of the verification.
+        """
+        seen = self.seen[depth]
+        for i, c in enumerate(confidences):
+            if i < drafted and i <= accepted:  # drafts after the first rejection tell nothing
+                seen.append((c, i < accepted))
+            elif i >= drafted:
+                seen.append((c, None))
+        self.draft_s[depth].add(draft_s / len(confidences))
+        plain, L = self.plain_s.value, self.num_layers
+        if drafted > 0 and plain:
+            below = depth / L if drafted == len(confidences) else 0.0
+            self.beta.add(max(0.0, (verify_s / plain - below) / ((L - depth) / L) - 1) / drafted)
+        self.elapsed_s += draft_s + verify_s
+        self.lost_s += max(0.0, draft_s + verify_s - (accepted + 1) * plain)
+        self.best = None

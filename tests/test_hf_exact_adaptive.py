@@ -1,0 +1,195 @@
+"""Exact mode's draft policies (earlyexit/hf/draft_policy.py) on small random-weight models (CPU, seconds).
+
+Every policy must reproduce model.generate greedy token for token; the fixed ones also pin down how
+many draft steps run and what the statistics report.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from test_hf_generate import EXITS, L, T, _first_step_states, _reference  # noqa: E402
+from tiny_models import tiny_causal_lm  # noqa: E402
+
+import earlyexit.hf.generate as hf_generate  # noqa: E402
+from earlyexit import EarlyExitLM  # noqa: E402
+from earlyexit.hf import DraftPolicy  # noqa: E402
+from earlyexit.hf.draft_policy import EXPLORE_BUDGET, AdaptiveDraft  # noqa: E402
+
+N = 10
+POLICIES = {
+    "auto": "auto",
+    "exit-layer": DraftPolicy(EXITS[0], 0.0, 3),  # E = 2 through its exit head
+    "shared-head": DraftPolicy(3, 0.05, 4),  # E = 3 is no exit layer: the shared head
+    "deep": DraftPolicy(EXITS[1], 0.0, 2),
+}
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def model(request):
+    return tiny_causal_lm(request.param, num_layers=L)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """Three prompts of lengths 7, 4 and 2, left-padded with token 0."""
+    torch.manual_seed(1)
+    ids = torch.randint(3, 300, (3, T))
+    am = torch.ones_like(ids)
+    am[1, :3] = 0
+    am[2, :5] = 0
+    return ids.masked_fill(am == 0, 0), am
+
+
+def _eem(model, draft):
+    eem = EarlyExitLM(model, EXITS, threshold=0.1, heads={EXITS[0]: torch.nn.Identity()})
+    eem.draft = draft
+    return eem
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_policies_equal_generate(model, batch, name):
+    ids, am = batch
+    eem = _eem(model, POLICIES[name])
+    for rows in (slice(0, 1), slice(0, 3)):
+        ref = _reference(model, ids[rows], am[rows], N)
+        out = eem.generate(ids[rows], am[rows], max_new_tokens=N, mode="exact")
+        assert torch.equal(out.sequences, ref), (name, rows)
+    if name != "auto":
+        assert out.stats["draft_rounds"] > 0 and out.stats["draft_depth"] == POLICIES[name].depth
+
+
+@pytest.mark.parametrize("name", ["auto", "exit-layer", "shared-head"])
+def test_policies_with_eos(model, batch, name):
+    ids, am = batch
+    eos = int(_reference(model, ids, am, N)[0, T + 3])  # row 0 stops after 4 tokens
+    ref = _reference(model, ids, am, N, eos=eos)
+    out = _eem(model, POLICIES[name]).generate(ids, am, max_new_tokens=N, mode="exact", eos_token_id=eos)
+    assert torch.equal(out.sequences, ref)
+    assert (out.exit_layer[0, 4:] == 0).all()
+
+
+@pytest.mark.parametrize("draft", [DraftPolicy(None), "tokens=0"])
+def test_no_drafts_is_plain_decoding(model, batch, draft, monkeypatch):
+    ids, am = batch
+    ref = _reference(model, ids, am, N)
+    monkeypatch.setattr(hf_generate, "draft_step", lambda *a, **k: pytest.fail("a draft step ran"))
+    eem = _eem(model, "auto" if draft == "tokens=0" else draft)
+    if draft == "tokens=0":
+        eem.draft_tokens = 0  # today's knob: no drafts per round
+    out = eem.generate(ids, am, max_new_tokens=N, mode="exact")
+    assert torch.equal(out.sequences, ref)
+    s = out.stats
+    assert s["draft_steps"] == 0 and s["draft_rounds"] == 0 and s["plain_steps"] == N
+    assert s["draft_depth"] is None and (out.exit_layer == L).all()
+
+
+def test_stats_report_the_policy(model, batch):
+    ids, am = batch
+    out = _eem(model, DraftPolicy(EXITS[0], 0.0, 3)).generate(ids, am, max_new_tokens=N, mode="exact")
+    s = out.stats
+    # A plain step only when one token is left (nothing to draft for).
+    assert s["draft_depth"] == EXITS[0] and s["draft_threshold"] == 0.0 and s["plain_steps"] <= 1
+    assert set(s["block_lengths"]) <= {1, 2, 3} and sum(s["block_lengths"].values()) == s["draft_rounds"]
+    assert 0 <= s["acceptance_rate"] <= 1 and 0 < s["mean_block_length"] <= 3
+    # Threshold 0 never stops early: every round drafts its full block (the last may be shorter).
+    assert s["draft_steps"] == sum(n * k for n, k in s["block_lengths"].items())
+    assert set(out.exit_layer.unique().tolist()) <= {0, EXITS[0], L}
+
+
+def test_unreachable_draft_threshold_stops_after_one_draft(model, batch):
+    ids, am = batch
+    ref = _reference(model, ids, am, N)
+    out = _eem(model, DraftPolicy(EXITS[0], 1.5, 4)).generate(ids, am, max_new_tokens=N, mode="exact")
+    assert torch.equal(out.sequences, ref)
+    s = out.stats
+    # One draft step per round, dropped: every round verifies the pending token alone (the last
+    # token, with nothing left to draft for, is a plain step).
+    assert s["draft_steps"] == s["draft_rounds"] == N - 1 and s["block_lengths"] == {0: N - 1}
+    assert (out.exit_layer == L).all()
+
+
+@pytest.mark.parametrize("draft", [DraftPolicy(EXITS[0], 0.0, 3), DraftPolicy(3, 0.05, 4)])
+def test_cache_is_the_models_own(model, batch, draft):
+    """After generation every cached entry (real positions, every layer) equals the model's own cache:
+    the drafts' layers below E are reused, the layers above are recomputed, holes never stay."""
+    ids, am = batch
+    out = _eem(model, draft).generate(ids, am, max_new_tokens=N, mode="exact")
+    assert out.stats["acceptance_rate"] > 0  # drafts were kept, so their cache entries were reused
+    length = out.cache.layers[0].keys.shape[-2]
+    seq = out.sequences[:, :length]
+    seq_am = torch.cat([am, torch.ones(am.shape[0], length - T, dtype=am.dtype)], dim=1)
+    with torch.no_grad():
+        _, hf_cache, _ = _first_step_states(model, seq, seq_am)
+    real = seq_am.bool()
+    for idx in range(L):
+        for got, want in (
+            (out.cache.layers[idx].keys, hf_cache.layers[idx].keys),
+            (out.cache.layers[idx].values, hf_cache.layers[idx].values),
+        ):
+            g, w = got.transpose(1, 2)[real], want.transpose(1, 2)[real]
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=f"layer {idx}")
+
+
+def test_stopping_threshold_exercises_both_verifications(model, batch):
+    """Threshold 0.05 at E = 3 (the tiny models' probabilities are low): some rounds stop on a
+    low-confidence draft (all block states from the drafts), others end at max_tokens (the last
+    draft's lower layers run in the verification)."""
+    ids, am = batch
+    out = _eem(model, DraftPolicy(3, 0.05, 4)).generate(ids, am, max_new_tokens=N, mode="exact")
+    s = out.stats
+    verified = sum(n * k for n, k in s["block_lengths"].items())
+    assert s["draft_steps"] > verified, "no round stopped on the threshold"
+    assert 4 in s["block_lengths"], "no round reached max_tokens"
+
+
+def test_sampling_with_tiny_top_p_is_greedy(model, batch):
+    ids, am = batch
+    ref = _reference(model, ids, am, 8)
+    out = _eem(model, DraftPolicy(EXITS[0], 0.0, 3)).generate(
+        ids, am, max_new_tokens=8, mode="exact", do_sample=True, top_p=1e-6
+    )
+    assert torch.equal(out.sequences, ref)
+
+
+def test_half_precision_fixed_policy(batch):
+    model = tiny_causal_lm("llama", num_layers=L).to(torch.bfloat16)
+    ids, am = batch
+    ref = _reference(model, ids, am, 8)
+    for draft in (DraftPolicy(EXITS[0], 0.0, 3), DraftPolicy(None)):
+        assert torch.equal(_eem(model, draft).generate(ids, am, max_new_tokens=8, mode="exact").sequences, ref)
+
+
+def test_adaptive_policy_follows_measurements():
+    """Cheap drafts that are always accepted win; drafts that are always rejected fall back to plain
+    steps with occasional one-draft probes, within the exploration budget."""
+    policy = AdaptiveDraft(30, [12, 24], 4)
+    assert policy.choose(10).depth is None  # nothing measured yet
+    policy.observe_plain(1.0)
+    for _ in range(5):
+        policy.observe_round(12, [0.99] * 4, 4, 4, 4 * 0.4, 0.8)
+    choice = policy.choose(10)
+    assert (choice.depth, choice.max_tokens) == (12, 4)
+    assert policy.choose(2).max_tokens == 2  # never more drafts than the call has tokens left
+
+    policy = AdaptiveDraft(30, [12], 4)
+    policy.observe_plain(1.0)
+    rounds = []
+    for _ in range(60):
+        choice = policy.choose(10)
+        rounds.append(choice.depth)
+        if choice.depth is None:
+            policy.observe_plain(1.0)
+        else:
+            assert choice.max_tokens == 1
+            policy.observe_round(choice.depth, [0.99], 1, 0, 0.5, 1.5)  # each probe loses 1 s
+    # Probes stop while their losses exceed the budget's share of the time.
+    assert 1 <= sum(d is not None for d in rounds) <= 1 + EXPLORE_BUDGET * 60 / 1.0 + 1
+
+
+def test_draft_errors(model, batch):
+    ids, am = batch
+    for bad in ("fast", DraftPolicy(L), DraftPolicy(0), DraftPolicy(2, 0.0, 0), 3):
+        with pytest.raises(ValueError, match="draft"):
+            _eem(model, bad).generate(ids, am, max_new_tokens=2, mode="exact")
