@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from test_hf_generate import EXITS, L, T, _first_step_states, _reference  # noqa: E402
+from test_hf_generate import EXITS, L, T, _reference, assert_cache_is_the_models_own  # noqa: E402
 from tiny_models import tiny_causal_lm  # noqa: E402
 
 import earlyexit.hf.generate as hf_generate  # noqa: E402
@@ -117,19 +117,7 @@ def test_cache_is_the_models_own(model, batch, draft):
     ids, am = batch
     out = _eem(model, draft).generate(ids, am, max_new_tokens=N, mode="exact")
     assert out.stats["acceptance_rate"] > 0  # drafts were kept, so their cache entries were reused
-    length = out.cache.layers[0].keys.shape[-2]
-    seq = out.sequences[:, :length]
-    seq_am = torch.cat([am, torch.ones(am.shape[0], length - T, dtype=am.dtype)], dim=1)
-    with torch.no_grad():
-        _, hf_cache, _ = _first_step_states(model, seq, seq_am)
-    real = seq_am.bool()
-    for idx in range(L):
-        for got, want in (
-            (out.cache.layers[idx].keys, hf_cache.layers[idx].keys),
-            (out.cache.layers[idx].values, hf_cache.layers[idx].values),
-        ):
-            g, w = got.transpose(1, 2)[real], want.transpose(1, 2)[real]
-            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=f"layer {idx}")
+    assert_cache_is_the_models_own(model, out, am)
 
 
 def test_stopping_threshold_exercises_both_verifications(model, batch):

@@ -174,6 +174,24 @@ def _first_step_states(model, ids, am):
     return full.hidden_states, getattr(full, "cache", None) or full.past_key_values, pos  # cache: renamed in v5
 
 
+def assert_cache_is_the_models_own(model, out, am):
+    """Every cached entry of a generate output (real token positions, every layer) equals the model's own
+    cache over the same sequence. am: the prompt's attention mask [B, T]."""
+    length = out.cache.layers[0].keys.shape[-2]
+    seq = out.sequences[:, :length]
+    seq_am = torch.cat([am, torch.ones(am.shape[0], length - am.shape[1], dtype=am.dtype)], dim=1)
+    with torch.no_grad():
+        _, hf_cache, _ = _first_step_states(model, seq, seq_am)
+    real = seq_am.bool()
+    for idx in range(len(model.model.layers)):
+        for got, want in (
+            (out.cache.layers[idx].keys, hf_cache.layers[idx].keys),
+            (out.cache.layers[idx].values, hf_cache.layers[idx].values),
+        ):
+            g, w = got.transpose(1, 2)[real], want.transpose(1, 2)[real]  # [real positions, H, D]
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=f"layer {idx}")
+
+
 def _propagated(model, idx, h, cos, sin):
     """Key/value states layer idx caches for hidden h [B, 1, d], computed from the HF modules directly."""
     layer = model.model.layers[idx]
@@ -246,19 +264,7 @@ def test_exact_mode_cache_is_full_depth(model, batch):
     eem.draft = DraftPolicy(EXITS[0], max_tokens=4)
     out = eem.generate(ids, am, max_new_tokens=n, mode="exact")
     assert out.stats["acceptance_rate"] > 0  # drafts were kept, so their cache entries were reused
-    length = out.cache.layers[0].keys.shape[-2]
-    seq = out.sequences[:, :length]
-    seq_am = torch.cat([am, torch.ones(am.shape[0], length - T, dtype=am.dtype)], dim=1)
-    with torch.no_grad():
-        _, hf_cache, _ = _first_step_states(model, seq, seq_am)
-    real = seq_am.bool()
-    for idx in range(L):
-        for got, want in (
-            (out.cache.layers[idx].keys, hf_cache.layers[idx].keys),
-            (out.cache.layers[idx].values, hf_cache.layers[idx].values),
-        ):
-            g, w = got.transpose(1, 2)[real], want.transpose(1, 2)[real]  # [real positions, H, D]
-            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=f"layer {idx}")
+    assert_cache_is_the_models_own(model, out, am)
 
 
 def test_compacted_equals_masking_only(model, batch):
