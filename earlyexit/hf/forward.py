@@ -224,15 +224,13 @@ def full_depth_tokens(adapter, chooser, hidden, fused=True):
     return tokens
 
 
-def exit_step(adapter, cache, spec, input_ids, attention_mask, running, chooser, counters, first_states=None):
+def exit_step(adapter, cache, spec, input_ids, attention_mask, running, chooser, counters):
     """One decoding step with per-row early exits, compaction and state propagation.
 
     Args:
         input_ids: [B, 1] int64, the last token of each row. attention_mask: [B, S], S >= cache.length + 1.
         running: [B] bool, rows still generating (the others are skipped entirely).
         chooser: :class:`~earlyexit.hf.sampling.TokenChooser` (greedy or sampling).
-        first_states: None, or a list that gets the running rows' hidden states [K, d] after the first
-            exit layer (before any row has exited), for :func:`verify_forward`.
 
     Returns:
         (tokens int64 [B], exit_layer int64 [B]): the next token of each running row and the number
@@ -258,8 +256,6 @@ def exit_step(adapter, cache, spec, input_ids, attention_mask, running, chooser,
         i = exit_at.get(idx + 1)
         if i is None:
             continue
-        if i == 0 and first_states is not None:
-            first_states.append(h[:, -1])
         x, tok, exits = _timed_check(spec, i, h[:, -1], adapter, counters)
         exits = exits & ~done
         n_exit = int(exits.sum())

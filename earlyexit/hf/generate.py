@@ -130,7 +130,7 @@ def _accept(chooser, adapter, hidden, drafts, fused):
 
 
 def _clock(device):
-    """perf_counter after the device's queued work (the round timings the draft policy learns from)."""
+    """perf_counter after the device's queued work (the call's and the draft policy's round timings)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
@@ -286,9 +286,7 @@ def generate(
     progress: None or a callable receiving the number of positions generated so far, after each one.
     """
     device = input_ids.device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
+    t0 = _clock(device)
     with torch.inference_mode():
         if mode == "exit":
             run = generate_exit(adapter, spec, input_ids, attention_mask, max_new_tokens, eos, pad, chooser, progress)
@@ -296,9 +294,7 @@ def generate(
             run = generate_exact(
                 adapter, spec, input_ids, attention_mask, max_new_tokens, eos, pad, chooser, policy, progress
             )
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - t0
+    seconds = _clock(device) - t0
     sequences = torch.cat([input_ids, torch.stack(run.tokens, 1)], dim=1)
     exit_layer = torch.stack(run.layers, 1)
     return GenerateOutput(sequences, exit_layer, _stats(run, spec, mode, seconds, exit_layer), run.cache.cache)

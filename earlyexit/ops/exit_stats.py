@@ -179,7 +179,7 @@ def exit_stats(
     """
     validate_head(hidden, weight, norm_weight, norm_eps, bias, temperature, allow_empty_vocab=True)
     if group is not None:
-        from earlyexit import distributed
+        from earlyexit import distributed  # lazily: plain exit checks never load torch.distributed
 
         distributed.check_member(group)
         if vocab_start is None:
@@ -201,9 +201,7 @@ def exit_stats(
         # Global ids; an invalid row's argmax means nothing (a kernel may leave its sentinel there): -1.
         argmax = torch.where(stats[5], torch.full_like(stats[1], NO_TOKEN), stats[1] + start)
         stats = (stats[0], argmax, *stats[2:])
-    if group is not None:
-        from earlyexit import distributed
-
+    if group is not None:  # `distributed` was imported above, with the group checks
         stats = distributed.all_gather_exit_stats(ExitStats(*stats), group)
     return ExitStats(*(x.reshape(lead) for x in stats))
 
