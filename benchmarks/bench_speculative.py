@@ -11,7 +11,8 @@ Systems, each on the same six chat prompts (summary, translation, code, QA, arit
 at batch 1, 4 and 8 (batches are consecutive prompts, cycled to fill the batch). All systems run in
 interleaved rounds; the median wall time per batch is reported as a speed ratio to ``model.generate`` on
 the same batch, with the share of rows whose output equals ``model.generate``'s token for token, the
-acceptance (exact mode), the mean decoder layers per token and the policy earlyexit chose.
+acceptance (exact mode), the mean decoder layers per token and the policy earlyexit chose (exact mode:
+also the cache holes its rows' own accepted prefixes left at batch > 1, and how often they were compacted).
 
 Usage: python benchmarks/bench_speculative.py [--batches 1,4,8] [--new-tokens 48] [--repeats 3] [--quick]
 """
@@ -158,7 +159,7 @@ def _policy(label, stats, calibrated):
     if label == "ee-exit":
         return f"exits {list(calibrated.exit_layers)} thr {[round(float(t), 3) for t in calibrated.thresholds]}"
     if label == "ee-exact" and stats:
-        keys = ("draft_depth", "block_lengths")
+        keys = ("draft_depth", "block_lengths", "cache_holes", "cache_compactions")
         return ", ".join(f"{k}={stats[-1][k]}" for k in keys if k in stats[-1]) or None
     return None
 

@@ -156,7 +156,7 @@ def test_adaptive_policy_follows_measurements():
     assert policy.choose(10).depth is None  # nothing measured yet
     policy.observe_plain(1.0)
     for _ in range(5):
-        policy.observe_round(12, [0.99] * 4, 4, 4, 4 * 0.4, 0.8)
+        policy.observe_round(12, [0.99] * 4, 4, [4], 4 * 0.4, 0.8)
     choice = policy.choose(10)
     assert (choice.depth, choice.max_tokens) == (12, 4)
     assert policy.choose(2).max_tokens == 2  # never more drafts than the call has tokens left
@@ -171,7 +171,7 @@ def test_adaptive_policy_follows_measurements():
             policy.observe_plain(1.0)
         else:
             assert choice.max_tokens == 1
-            policy.observe_round(choice.depth, [0.99], 1, 0, 0.5, 1.5)  # each probe loses 1 s
+            policy.observe_round(choice.depth, [0.99], 1, [0], 0.5, 1.5)  # each probe loses 1 s
     # Probes stop while their losses exceed the budget's share of the time.
     assert 1 <= sum(d is not None for d in rounds) <= 1 + EXPLORE_BUDGET * 60 / 1.0 + 1
 

@@ -175,21 +175,26 @@ def _first_step_states(model, ids, am):
 
 
 def assert_cache_is_the_models_own(model, out, am):
-    """Every cached entry of a generate output (real token positions, every layer) equals the model's own
-    cache over the same sequence. am: the prompt's attention mask [B, T]."""
-    length = out.cache.layers[0].keys.shape[-2]
-    seq = out.sequences[:, :length]
-    seq_am = torch.cat([am, torch.ones(am.shape[0], length - am.shape[1], dtype=am.dtype)], dim=1)
-    with torch.no_grad():
-        _, hf_cache, _ = _first_step_states(model, seq, seq_am)
-    real = seq_am.bool()
-    for idx in range(len(model.model.layers)):
-        for got, want in (
-            (out.cache.layers[idx].keys, hf_cache.layers[idx].keys),
-            (out.cache.layers[idx].values, hf_cache.layers[idx].values),
-        ):
-            g, w = got.transpose(1, 2)[real], want.transpose(1, 2)[real]  # [real positions, H, D]
-            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=f"layer {idx}")
+    """Every cached entry of a generate output (the real positions of ``out.cache_mask``, every layer)
+    equals the model's own cache over the same tokens, row by row without padding or holes (the
+    model's sliding-window layers keep only the last positions: those are compared).
+    am: the prompt's attention mask [B, T]."""
+    T = am.shape[1]
+    for r in range(am.shape[0]):
+        real = out.cache_mask[r].bool()
+        n = int(real.sum())
+        # The prompt and every generated token but the last one, each once.
+        assert n == int(am[r].sum()) + int((out.exit_layer[r] > 0).sum()) - 1, f"row {r}"
+        tokens = torch.cat([out.sequences[r, :T][am[r].bool()], out.sequences[r, T:]])[:n]
+        with torch.no_grad():
+            hf_cache = model(tokens[None], use_cache=True).past_key_values
+        for idx in range(len(model.model.layers)):
+            for got, want in (
+                (out.cache.layers[idx].keys[r], hf_cache.layers[idx].keys[0]),
+                (out.cache.layers[idx].values[r], hf_cache.layers[idx].values[0]),
+            ):
+                got = got[:, real][:, n - want.shape[1] :]
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"row {r} layer {idx}")
 
 
 def _propagated(model, idx, h, cos, sin):

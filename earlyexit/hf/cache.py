@@ -57,6 +57,31 @@ class RowCache:
             # A negative argument means "remove this many" in every transformers version that has crop.
             self.cache.crop(-tokens_to_remove)
 
+    def compact(self, mask):
+        """Drop masked positions along the sequence axis: each row's real positions, in order, move right.
+
+        mask: [B, S] (1 = a token of the row, 0 = padding or a hole), S == ``length``, between forwards
+        (nothing reserved is still to be written). Rows become left-padded to S' = the most real
+        positions of any row; entries keep their values, so attention (which reads positions from
+        the mask) sees the same keys.
+
+        Returns:
+            the new mask [B, S'] (same dtype).
+        """
+        if mask.dim() != 2 or mask.shape[1] != self.length:
+            raise ValueError(
+                f"mask: expected [B, {self.length}] (one entry per cached position), got {tuple(mask.shape)}"
+            )
+        keep = mask.shape[1] - int(mask.sum(1).max())
+        # A stable sort on the mask puts each row's masked positions first and its real ones after, in order.
+        order = torch.sort(mask.to(torch.int8), dim=1, stable=True).indices[:, keep:]
+        for layer in self.cache.layers:
+            index = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+            layer.keys = layer.keys.gather(2, index)
+            layer.values = layer.values.gather(2, index)
+        self.reserved = 0
+        return mask.gather(1, order)
+
     def write(self, idx, rows, keys, values):
         """Fill the reserved positions of layer ``idx`` for ``rows``.
 

@@ -104,7 +104,7 @@ class AdaptiveDraft:
         seen = self.seen[e]
         confident = [acc for c, acc in seen if c >= t]
         p = 1.0 if t == 0 else (len(confident) + 0.5) / (len(seen) + 1)
-        verified = [acc for acc in confident if acc is not None]
+        verified = [acc for acc in confident if acc is not None]  # acceptance shares in [0, 1]
         prior = 0.8 * e / L
         a = (sum(verified) + 2 * prior) / (len(verified) + 2)
         steps = sum(p**i for i in range(n))
@@ -151,14 +151,19 @@ class AdaptiveDraft:
         """A drafting round at ``depth``.
 
         confidences: the min-over-rows probability of each draft step (the last one dropped when
-        ``drafted`` < len(confidences)); drafted: drafts verified; accepted: drafts kept (min over
-        rows); draft_s, verify_s: wall time of the draft steps and of the verification.
+        ``drafted`` < len(confidences)); drafted: drafts verified; accepted: drafts each row kept
+        (a sequence of ints, one per row that ran); draft_s, verify_s: wall time of the draft steps
+        and of the verification.
         """
         seen = self.seen[depth]
         for i, c in enumerate(confidences):
-            if i < drafted and i <= accepted:  # drafts after the first rejection tell nothing
-                seen.append((c, i < accepted))
-            elif i >= drafted:
+            if i < drafted:
+                # Acceptance of draft i among the rows that accepted every draft before it; drafts
+                # after a row's first rejection tell nothing.
+                reached = [a for a in accepted if a >= i]
+                if reached:
+                    seen.append((c, sum(a > i for a in reached) / len(reached)))
+            else:
                 seen.append((c, None))
         self.draft_s[depth].add(draft_s / len(confidences))
         plain, L = self.plain_s.value, self.num_layers
@@ -166,5 +171,7 @@ class AdaptiveDraft:
             below = depth / L if drafted == len(confidences) else 0.0
             self.beta.add(max(0.0, (verify_s / plain - below) / ((L - depth) / L) - 1) / drafted)
         self.elapsed_s += draft_s + verify_s
-        self.lost_s += max(0.0, draft_s + verify_s - (accepted + 1) * plain)
+        # Every row gains its accepted drafts plus one token, against one token per plain step.
+        tokens = 1 + sum(accepted) / len(accepted)
+        self.lost_s += max(0.0, draft_s + verify_s - tokens * plain)
         self.best = None

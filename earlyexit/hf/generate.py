@@ -33,32 +33,48 @@ class GenerateOutput:
         L for the tokens that come from the verification pass.
     stats: dict, see :func:`_stats`.
     cache: the ``transformers.DynamicCache`` after generation (``cache.layers[i].keys`` is
-        [B, H_kv, S, D]); position T - 1 + j holds the input of generation step j.
+        [B, H_kv, S, D]).
+    cache_mask: int64 [B, S], 1 where the cache holds a token of the row, 0 for left padding and for
+        holes (exact mode at batch > 1: positions of drafts the row rejected). Row r's real positions
+        hold, in order, its prompt tokens and then its generated tokens but the last one. Exit mode and
+        batch 1 have no holes: position T - 1 + j then holds the input of generation step j.
     """
 
     sequences: torch.Tensor
     exit_layer: torch.Tensor
     stats: dict
     cache: object
+    cache_mask: torch.Tensor
 
 
 class _Run:
-    """State shared by both loops: cache, counters, padding mask, finished rows, outputs."""
+    """State shared by both loops: cache, counters, padding mask, finished rows, outputs.
 
-    def __init__(self, adapter, input_ids, attention_mask, eos, pad, progress):
-        batch = input_ids.shape[0]
+    Rows advance at their own pace (exact mode keeps each row's accepted prefix), so the outputs are
+    per-row buffers: ``out`` [B, max_new_tokens] tokens and ``out_layers`` their layer counts, filled up
+    to ``count`` [B].
+    """
+
+    def __init__(self, adapter, input_ids, attention_mask, max_new_tokens, eos, pad, progress):
+        batch, device = input_ids.shape[0], input_ids.device
         self.adapter = adapter
         self.cache = RowCache(
             adapter.num_layers, batch, adapter.num_kv_heads, adapter.head_dim, adapter.dtype, input_ids.device
         )
         self.counters = Counters()
+        self.max_new_tokens = max_new_tokens
         self.eos = eos
         self.pad = pad
         self.progress = progress
-        self.unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
-        self.tokens, self.layers = [], []
+        self.unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+        self.out = torch.full((batch, max_new_tokens), pad, dtype=torch.int64, device=device)
+        self.out_layers = torch.zeros(batch, max_new_tokens, dtype=torch.int64, device=device)
+        self.count = torch.zeros(batch, dtype=torch.int64, device=device)
         self.rounds = []  # exact mode: (DraftPolicy or None for a plain step, drafts verified) per round
-        # Invariant: attention_mask covers the cached positions plus the one of `pending`.
+        self.holes = 0  # exact mode: cache positions of rejected drafts masked out, summed over rows
+        self.compactions = 0  # exact mode: times the cache was compacted along the sequence axis
+        # Invariant: attention_mask covers the cached positions plus the one of `pending`; a 0 marks
+        # left padding or a hole (a rejected draft's position, see generate_exact).
         self.attention_mask = attention_mask
         self.pending = input_ids[:, -1:]
         if input_ids.shape[1] > 1:
@@ -69,30 +85,69 @@ class _Run:
         am = self.attention_mask
         return torch.cat([am, am.new_ones(am.shape[0], n)], dim=1)
 
-    def emit(self, tokens, layers):
-        """Append one generated token per row ([B] each); finished rows get padding. Returns True when all finished."""
-        tokens = torch.where(self.unfinished, tokens, self.pad)
-        self.tokens.append(tokens)
-        self.layers.append(torch.where(self.unfinished, layers, 0))
+    def advance(self, pending, real=None):
+        """Make ``pending`` [B, 1] the next input: the mask gains ``real`` (int [B, n], the new cached
+        positions; none when None) and the new pending position, real for the unfinished rows."""
+        am = self.attention_mask
+        parts = [am] if real is None else [am, real.to(am.dtype)]
+        self.attention_mask = torch.cat(parts + [self.unfinished[:, None].to(am.dtype)], dim=1)
+        self.pending = pending
+
+    def remaining(self):
+        """Most tokens any unfinished row may still generate (0 when none is left)."""
+        left = (self.max_new_tokens - self.count)[self.unfinished]
+        return int(left.max()) if left.numel() else 0
+
+    def emit(self, tokens, layers, lengths=None):
+        """Append each row's first ``lengths[r]`` tokens; returns how many each row took, int64 [B].
+
+        tokens, layers: int64 [B, m]; lengths: int64 [B] (None: m for every row). A row stops after its
+        end-of-sequence token or at max_new_tokens (then it takes fewer); what follows in the buffers
+        stays padding.
+        """
+        batch, m = tokens.shape
+        j = torch.arange(m, device=tokens.device)
+        lengths = torch.full((batch,), m, dtype=torch.int64, device=tokens.device) if lengths is None else lengths
+        valid = (j < lengths[:, None]) & self.unfinished[:, None] & (self.count[:, None] + j < self.max_new_tokens)
+        ended = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
         if self.eos is not None:
-            self.unfinished &= ~torch.isin(tokens, self.eos)
+            is_eos = torch.isin(tokens, self.eos) & valid
+            valid &= (is_eos.long().cumsum(1) - is_eos.long()) == 0  # nothing after a row's first eos
+            ended = is_eos.any(1)
+        rows = torch.arange(batch, device=tokens.device)[:, None].expand(batch, m)[valid]
+        cols = (self.count[:, None] + j)[valid]
+        self.out[rows, cols] = tokens[valid]
+        self.out_layers[rows, cols] = layers[valid]
+        taken = valid.sum(1)
+        self.count += taken
+        self.unfinished &= ~ended & (self.count < self.max_new_tokens)
         if self.progress is not None:
-            self.progress(len(self.tokens))
+            self.progress(int(self.count.max()))
+        return taken
+
+    @property
+    def finished(self):
+        """Whether every row has finished."""
         return not bool(self.unfinished.any())
+
+    def outputs(self):
+        """(generated tokens int64 [B, n], their layer counts int64 [B, n]) with n the longest row."""
+        n = int(self.count.max())
+        return self.out[:, :n], self.out_layers[:, :n]
 
 
 def generate_exit(adapter, spec, input_ids, attention_mask, max_new_tokens, eos, pad, chooser, progress):
     """Exit mode: every token of every row exits at the first exit layer whose check passes."""
-    run = _Run(adapter, input_ids, attention_mask, eos, pad, progress)
-    for _ in range(max_new_tokens):
+    run = _Run(adapter, input_ids, attention_mask, max_new_tokens, eos, pad, progress)
+    while True:
         running = run.unfinished.clone()
         tokens, layers = exit_step(
             adapter, run.cache, spec, run.pending, run.attention_mask, running, chooser, run.counters
         )
-        if run.emit(tokens, layers):
+        run.emit(tokens[:, None], layers[:, None])
+        if run.finished:
             break
-        run.pending = tokens[:, None]
-        run.attention_mask = run.ones(1)
+        run.advance(tokens[:, None])
     return run
 
 
@@ -167,58 +222,80 @@ def generate_exact(adapter, spec, input_ids, attention_mask, max_new_tokens, eos
     ``policy`` (:mod:`~earlyexit.hf.draft_policy`) chooses each round's depth, draft threshold and
     block length, and learns from the round's timings and acceptance. The verification reuses the
     drafts' layers 0..E-1 (exact for every drafted position, see
-    :func:`~earlyexit.hf.forward.verify_forward`) and runs layers E..L-1 on the whole block. Rows of a
-    batch share cache positions, so each round keeps the shortest accepted prefix over the running
-    rows (plus the verifier's next token) and crops the rest of the cache.
+    :func:`~earlyexit.hf.forward.verify_forward`) and runs layers E..L-1 on the whole block.
+
+    Each row keeps its own accepted prefix. Rows share cache positions, so the cache keeps the longest
+    accepted prefix of the batch; in a row that accepted fewer drafts, the positions of its rejected
+    drafts become holes: 0 in the attention mask, so no later query attends to them and positions
+    (counted from the mask, as with left padding) skip them. When holes and padding add up to enough
+    positions in every row, :meth:`~earlyexit.hf.cache.RowCache.compact` drops them.
     """
-    run = _Run(adapter, input_ids, attention_mask, eos, pad, progress)
+    run = _Run(adapter, input_ids, attention_mask, max_new_tokens, eos, pad, progress)
     # Float32 greedy: the fused head's argmax matches the logits'; half precision keeps the rounded
     # logits, whose ties model.generate breaks by index.
     fused = adapter.dtype == torch.float32
     num_layers, batch, device = adapter.num_layers, input_ids.shape[0], input_ids.device
     c = run.counters
-    produced, done = 0, False
-    while not done:
+    while not run.finished:
         running = run.unfinished.clone()
-        choice = policy.choose(max_new_tokens - produced - 1)
+        choice = policy.choose(run.remaining() - 1)
         t0 = _clock(device)
         if choice.depth is None:
             tok = plain_step(adapter, run.cache, run.pending, run.attention_mask, running, chooser, c, fused)
             policy.observe_plain(_clock(device) - t0)
             run.rounds.append((None, 0))
-            new, layers = tok[:, None], torch.full((batch, 1), num_layers, dtype=torch.int64, device=device)
-            a = 0
-        else:
-            drafts, states, confidences = _draft(adapter, spec, run, running, choice)
-            t1 = _clock(device)
-            n = len(drafts)
-            block = torch.cat([run.pending] + [d[:, None] for d in drafts], dim=1)  # [B, n + 1]
-            hidden, rows = verify_forward(
-                adapter, run.cache, block, run.ones(n), running, torch.stack(states, 1), choice.depth, c
-            )
-            accepted, target = _accept(chooser, adapter, hidden, block[rows, 1:], fused)
-            a = int(accepted.min())
-            policy.observe_round(choice.depth, confidences, n, a, t1 - t0, _clock(device) - t1)
-            run.rounds.append((choice, n))
-            c.verify_passes += 1
-            c.drafted += n * rows.shape[0]
-            c.matched += int(accepted.sum())
-            run.cache.crop(n - a)
-            new = torch.full((batch, a + 1), pad, dtype=torch.int64, device=device)
-            new[rows] = target[:, : a + 1]
-            # A token's layer count is E while the row's drafts were accepted, else full depth.
-            from_draft = torch.zeros(batch, a + 1, dtype=torch.bool, device=device)
-            from_draft[rows] = torch.arange(a + 1, device=device) < accepted[:, None]
-            layers = torch.where(from_draft, choice.depth, num_layers)
-        for i in range(a + 1):
-            done = run.emit(new[:, i], layers[:, i])
-            produced += 1
-            if done:
-                break
-        done = done or produced >= max_new_tokens
-        run.pending = new[:, a : a + 1]
-        run.attention_mask = run.ones(a + 1)
+            run.emit(tok[:, None], torch.full((batch, 1), num_layers, dtype=torch.int64, device=device))
+            run.advance(tok[:, None])
+            continue
+        drafts, states, confidences = _draft(adapter, spec, run, running, choice)
+        t1 = _clock(device)
+        n = len(drafts)
+        block = torch.cat([run.pending] + [d[:, None] for d in drafts], dim=1)  # [B, n + 1]
+        hidden, rows = verify_forward(
+            adapter, run.cache, block, run.ones(n), running, torch.stack(states, 1), choice.depth, c
+        )
+        accepted, target = _accept(chooser, adapter, hidden, block[rows, 1:], fused)
+        kept = accepted.tolist()
+        policy.observe_round(choice.depth, confidences, n, kept, t1 - t0, _clock(device) - t1)
+        run.rounds.append((choice, n))
+        c.verify_passes += 1
+        c.drafted += n * rows.shape[0]
+        c.matched += sum(kept)
+        longest = max(kept)
+        run.cache.crop(n - longest)
+        new = torch.full((batch, longest + 1), pad, dtype=torch.int64, device=device)
+        new[rows] = target[:, : longest + 1]
+        row_accepted = torch.zeros(batch, dtype=torch.int64, device=device)
+        row_accepted[rows] = accepted
+        # A token's layer count is E while the row's drafts were accepted, else full depth.
+        j = torch.arange(longest + 1, device=device)
+        layers = torch.where(j < row_accepted[:, None], choice.depth, num_layers)
+        taken = run.emit(new, layers, row_accepted + 1)
+        # Cached block positions 1..longest hold the drafts: real where the row kept the draft and
+        # generation goes on after it (not past its end of sequence or max_new_tokens); the rest are
+        # holes, as are all positions of rows that did not run.
+        real = (j[1:] <= row_accepted[:, None]) & (j[1:] < taken[:, None])
+        run.holes += int((~real[rows]).sum())
+        run.advance(new.gather(1, row_accepted[:, None]), real)
+        if not run.finished and _worth_compacting(run.attention_mask[:, :-1]):
+            am = run.attention_mask
+            run.attention_mask = torch.cat([run.cache.compact(am[:, :-1]), am[:, -1:]], dim=1)
+            run.compactions += 1
     return run
+
+
+#: Compact the cache along the sequence axis once every row has at least this share of its cached
+#: positions masked (holes or padding): compaction copies the cache once, each hole costs attention
+#: work at every later step.
+COMPACT_SHARE = 0.125
+#: ... and at least this many such positions, so that short caches are not copied for a few holes.
+COMPACT_MIN = 8
+
+
+def _worth_compacting(cached_mask):
+    """Whether dropping the masked positions of ``cached_mask`` [B, S] would shorten the cache enough."""
+    gain = cached_mask.shape[1] - int(cached_mask.sum(1).max())
+    return gain >= max(COMPACT_MIN, COMPACT_SHARE * cached_mask.shape[1])
 
 
 def _draft_stats(rounds):
@@ -251,7 +328,9 @@ def _stats(run, spec, mode, seconds, exit_layer):
     full_depth_passes_per_token (verification passes per generated position; plain steps are not
     counted), draft_steps (draft exit checks run), plain_steps, draft_rounds, draft_depth and
     draft_threshold (the most used in drafting rounds; None without any), block_lengths {drafts
-    verified: rounds} and mean_block_length over drafting rounds.
+    verified: rounds}, mean_block_length over drafting rounds, cache_holes (cache positions of
+    rejected drafts masked out in rows that accepted fewer drafts than another row of the batch,
+    summed over rows) and cache_compactions (times they were compacted away).
     """
     num_layers = run.adapter.num_layers
     generated = exit_layer > 0
@@ -273,6 +352,8 @@ def _stats(run, spec, mode, seconds, exit_layer):
         stats["acceptance_rate"] = c.matched / c.drafted if c.drafted else 0.0
         stats["full_depth_passes_per_token"] = c.verify_passes / exit_layer.shape[1] if exit_layer.shape[1] else 0.0
         stats["draft_steps"] = c.draft_steps
+        stats["cache_holes"] = run.holes
+        stats["cache_compactions"] = run.compactions
         stats.update(_draft_stats(run.rounds))
     return stats
 
@@ -295,6 +376,7 @@ def generate(
                 adapter, spec, input_ids, attention_mask, max_new_tokens, eos, pad, chooser, policy, progress
             )
     seconds = _clock(device) - t0
-    sequences = torch.cat([input_ids, torch.stack(run.tokens, 1)], dim=1)
-    exit_layer = torch.stack(run.layers, 1)
-    return GenerateOutput(sequences, exit_layer, _stats(run, spec, mode, seconds, exit_layer), run.cache.cache)
+    tokens, exit_layer = run.outputs()
+    sequences = torch.cat([input_ids, tokens], dim=1)
+    stats = _stats(run, spec, mode, seconds, exit_layer)
+    return GenerateOutput(sequences, exit_layer, stats, run.cache.cache, run.attention_mask[:, :-1])
