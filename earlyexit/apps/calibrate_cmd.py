@@ -5,6 +5,7 @@ import os
 import sys
 import time
 
+from earlyexit.apps.policy_cache import policy_record
 from earlyexit.apps.smollm2 import load_smollm2
 from earlyexit.hf.early_exit_lm import EarlyExitLM
 from earlyexit.tuning.adapters import ExitAdapters, train_exit_adapters
@@ -17,23 +18,7 @@ THRESHOLDS_FILE = "thresholds.json"
 def save_thresholds(folder, eem, report):
     """Write the calibrated exit policy (layers, measure, thresholds, what they achieved) as JSON."""
     with open(os.path.join(folder, THRESHOLDS_FILE), "w") as f:
-        json.dump(
-            dict(
-                exit_layers=list(eem.exit_layers),
-                measure=eem.measure,
-                thresholds=list(report.thresholds),
-                calibration_agreement=report.agreement,
-                calibration_mean_layers=report.mean_layers,
-                target_agreement=report.target_agreement,
-                tokens=report.tokens,
-                objective=report.objective,
-                dropped_layers=list(report.dropped_layers),
-                expected_time_per_token_s=report.time_per_token_s,
-                full_depth_time_per_token_s=report.full_depth_time_s,
-            ),
-            f,
-            indent=2,
-        )
+        json.dump(policy_record(eem, report), f, indent=2)
 
 
 def load_heads(folder, model=None):

@@ -43,10 +43,24 @@ def _demo(args):
         threshold=threshold,
         heads=heads,
         measure=measure,
+        target_agreement=args.target_agreement,
+        cache=not args.no_cache,
     )
 
 
-def main(argv=None):
+def _fraction(text):
+    """argparse type: a float in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def build_parser():
+    """The ``earlyexit`` argument parser (sub-commands demo, calibrate, kernel-demo, env)."""
     p = argparse.ArgumentParser(prog="earlyexit", description="Fused kernels for early-exit LLM inference")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="SmolLM2 with early exits (exit and exact modes) against model.generate")
@@ -54,12 +68,29 @@ def main(argv=None):
     d.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     d.add_argument("--max-new-tokens", type=int, default=24)
     d.add_argument("--exit-layers", default="12,18,24", help="comma-separated layer counts, each in [1, 30)")
-    d.add_argument("--threshold", type=float, default=0.9, help="max_prob threshold of the exit check")
+    d.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="a fixed max_prob threshold for exit mode: skips the calibration (default: calibrate)",
+    )
+    d.add_argument(
+        "--target-agreement",
+        type=_fraction,
+        default=0.95,
+        help="agreement with full depth that exit mode's calibration keeps (default 0.95)",
+    )
+    d.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="recompute the calibrated policy instead of reusing the one cached in the user's cache folder "
+        "($EARLYEXIT_CACHE_DIR, else $XDG_CACHE_HOME/earlyexit, else ~/.cache/earlyexit), and overwrite it",
+    )
     d.add_argument("--heads", default=None, help="folder written by `earlyexit calibrate` (adapters + thresholds)")
     c = sub.add_parser("calibrate", help="train exit adapters for SmolLM2, calibrate thresholds, write DIR")
     c.add_argument("--out", required=True, help="folder for adapters.safetensors, adapters.json, thresholds.json")
     c.add_argument("--exit-layers", default="12,18,24", help="comma-separated layer counts, each in [1, 30)")
-    c.add_argument("--target-agreement", type=float, default=0.99)
+    c.add_argument("--target-agreement", type=_fraction, default=0.99)
     c.add_argument("--measure", default="max_prob", choices=MEASURE_NAMES)
     c.add_argument(
         "--objective",
@@ -72,7 +103,11 @@ def main(argv=None):
     k.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     k.add_argument("--rows", default="1,8,64", help="comma-separated batch sizes")
     sub.add_parser("env", help="print build_info(): versions, compiled parts, runnable backends")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if args.command == "demo":
         _demo(args)
     elif args.command == "calibrate":
