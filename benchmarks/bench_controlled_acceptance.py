@@ -12,6 +12,9 @@ of the time.
 Systems per batch size, depth E and alpha, all with ``EarlyExitLM(model, [E])``:
   n=K     ``DraftPolicy(E, 0.0, K)``: always K drafts per round (K in --n); the table shows the best K
   auto    ``eem.draft = "auto"`` (depths [E], up to max(--n) drafts): it has to learn the acceptance
+With ``--draft-vocab SHARE`` every system drafts over that share of the vocabulary (its most frequent
+tokens in the built-in corpus, ``eem.draft_vocab``): the draft step's exit check reads that share of
+the head, and the forcing still sets the tokens.
 plus ``generate`` (model.generate, the reference) and ``generate-1`` (model.generate of one token: the
 prefill, for the cost model). Prompts: bench_speculative's six chat prompts, batches of consecutive
 prompts cycled to fill them. All systems of a batch size run in interleaved rounds after a warm-up;
@@ -36,7 +39,7 @@ benchmarks/results/cpu_costs.md), so run it alone.
 
 Usage: OMP_NUM_THREADS=2 python benchmarks/bench_controlled_acceptance.py [--batches 1,4]
     [--alphas 0.5,0.6,0.7,0.8,0.9,1.0] [--depths L/4,L/2] [--n 2,3,4,6] [--new-tokens 48] [--repeats 3]
-    [--quick]   (--quick: batch 1, alpha 0.8, depth L/4, 16 new tokens, one round)
+    [--draft-vocab 0.25] [--quick]   (--quick: batch 1, alpha 0.8, depth L/4, 16 new tokens, one round)
 """
 
 import argparse
@@ -78,6 +81,13 @@ def main(argv=None):
     p.add_argument("--depths", default="L/4,L/2", help="draft depths: ints or L/k")
     p.add_argument("--n", default="2,3,4,6", help="drafts per round of the fixed policies")
     p.add_argument("--no-auto", action="store_true", help="skip the adaptive policy")
+    p.add_argument(
+        "--draft-vocab",
+        type=float,
+        default=None,
+        metavar="SHARE",
+        help="draft over the SHARE most frequent tokens of the built-in corpus (FR-Spec; eem.draft_vocab)",
+    )
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds (the median is reported)")
     p.add_argument("--seed", type=int, default=0, help="of the forcing's coins (+ the batch's index)")
@@ -108,13 +118,21 @@ def main(argv=None):
     policies = {f"n={k}": k for k in ns}
     if not args.no_auto:
         policies["auto"] = "auto"
+    draft_vocab = None
+    if args.draft_vocab is not None:
+        from earlyexit.tuning.draft_vocab import draft_vocabulary
+        from earlyexit.tuning.text_data import builtin_corpus
+
+        draft_vocab = draft_vocabulary(builtin_corpus("train"), vocab, share=args.draft_vocab, tokenizer=tok)
     eems = {}
     for e in depths:
         eems[e] = earlyexit.EarlyExitLM(model, [e])
         eems[e].draft_tokens = max(ns)
+        eems[e].draft_vocab = draft_vocab
+    sub = "" if draft_vocab is None else f", drafts over {draft_vocab.numel()} of {vocab} tokens"
     print(
         f"# L={num_layers}, depths {depths}, alphas {alphas}, policies {list(policies)}, {n_new} new tokens, "
-        f"repeats {args.repeats}, {env['device']}",
+        f"repeats {args.repeats}, {env['device']}{sub}",
         flush=True,
     )
 
@@ -200,6 +218,8 @@ def main(argv=None):
     for line in _targets(summary, depths[0], num_layers):
         print(line)
     stem = f"controlled_acceptance_{env['device']}_torch{env['torch']}".replace("+", "_")
+    if draft_vocab is not None:
+        stem += f"_vocab{args.draft_vocab:g}"
     write_csv(os.path.join(args.out, stem + ".csv"), rows)
     write_csv(os.path.join(args.out, stem + "_costs.csv"), costs)
     print(f"wrote {os.path.join(args.out, stem)}.csv and {stem}_costs.csv ({time.perf_counter() - t_start:.0f} s)")

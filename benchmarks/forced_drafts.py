@@ -75,8 +75,11 @@ class ForcedDrafts:
         self.stats = stats if stats is not None else ForcedStats()
         self.real = real if real is not None else hf_generate.draft_step
 
-    def __call__(self, adapter, cache, input_ids, attention_mask, running, depth, head, counters):
-        tokens, prob, state = self.real(adapter, cache, input_ids, attention_mask, running, depth, head, counters)
+    def __call__(self, adapter, cache, input_ids, attention_mask, running, depth, head, counters, *more):
+        # *more: draft_step's further arguments (the draft sub-vocabulary), passed through.
+        tokens, prob, state = self.real(
+            adapter, cache, input_ids, attention_mask, running, depth, head, counters, *more
+        )
         device = tokens.device
         ref = self.reference.to(device)
         # The mask covers the cached positions and the draft's input (0 for padding and cache holes):

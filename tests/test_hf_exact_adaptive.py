@@ -181,3 +181,50 @@ def test_draft_errors(model, batch):
     for bad in ("fast", DraftPolicy(L), DraftPolicy(0), DraftPolicy(2, 0.0, 0), 3):
         with pytest.raises(ValueError, match="draft"):
             _eem(model, bad).generate(ids, am, max_new_tokens=2, mode="exact")
+
+
+def test_draft_vocabulary_keeps_the_output(model, batch):
+    """Drafts over a frequency-ranked quarter of the vocabulary (FR-Spec): the draft checks read only
+    those head rows and only propose those tokens; the verification keeps the output exact."""
+    from earlyexit.tuning.draft_vocab import draft_vocabulary
+
+    ids, am = batch
+    ref = _reference(model, ids, am, N)
+    vocab = draft_vocabulary(ref.flatten(), model.config.vocab_size, share=0.25)
+    assert vocab.numel() == 75 and torch.equal(vocab, vocab.unique())
+    drafted = []
+    real_step = hf_generate.draft_step
+
+    def spy(*args):
+        tokens, prob, state = real_step(*args)
+        drafted.append(tokens)
+        return tokens, prob, state
+
+    eem = _eem(model, DraftPolicy(EXITS[0], 0.0, 3))
+    eem.draft_vocab = vocab
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hf_generate, "draft_step", spy)
+        out = eem.generate(ids, am, max_new_tokens=N, mode="exact")
+    assert torch.equal(out.sequences, ref)
+    assert out.stats["acceptance_rate"] > 0  # the frequent tokens are the reference's own
+    assert torch.isin(torch.cat(drafted), torch.cat([vocab, torch.zeros(1, dtype=torch.int64)])).all()
+    full = _eem(model, DraftPolicy(EXITS[0], 0.0, 3)).generate(ids, am, max_new_tokens=N, mode="exact")
+    assert torch.equal(full.sequences, ref)
+    for bad in (torch.tensor([1, 1]), torch.tensor([300]), torch.tensor([0.5]), [1, 2]):
+        eem.draft_vocab = bad
+        with pytest.raises(ValueError, match="draft_vocab"):
+            eem.generate(ids, am, max_new_tokens=2, mode="exact")
+
+
+def test_draft_vocabulary_ranks_by_frequency():
+    from earlyexit.tuning.draft_vocab import draft_vocabulary
+
+    data = torch.tensor([5, 5, 5, 2, 2, 9, 7])
+    assert draft_vocabulary(data, 10, share=0.3).tolist() == [2, 5, 7]  # 7 and 9 tie: the lower id
+    assert draft_vocabulary(data, 10, share=0.2, always=[0]).tolist() == [0, 5]
+    assert draft_vocabulary(data, 10, share=1.0).tolist() == list(range(10))
+    for kwargs, name in ((dict(share=0.0), "share"), (dict(always=[10]), "always")):
+        with pytest.raises(ValueError, match=name):
+            draft_vocabulary(data, 10, **kwargs)
+    with pytest.raises(ValueError, match="tokenizer"):
+        draft_vocabulary(["text"], 10)

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from earlyexit.hf.draft_policy import AdaptiveDraft, DraftPolicy, FixedDraft
-from earlyexit.hf.forward import ExitSpec
+from earlyexit.hf.forward import DraftVocab, ExitSpec
 from earlyexit.hf.generate import generate
 from earlyexit.hf.model_adapter import ModelAdapter
 from earlyexit.hf.sampling import TokenChooser
@@ -89,6 +89,10 @@ class EarlyExitLM:
             acceptance, down to plain decoding) or a fixed :class:`~earlyexit.hf.DraftPolicy`
             (``DraftPolicy(None)``: no drafts). See :mod:`earlyexit.hf.draft_policy`.
         draft_tokens: the most drafts per round under "auto" (default 4; 0 = never draft).
+        draft_vocab: None (default: drafts over the whole vocabulary) or int64 token ids [V'] (e.g.
+            :func:`earlyexit.tuning.draft_vocab.draft_vocabulary`, FR-Spec): exact mode's draft
+            checks read only those rows of the shared head (copied once per head weight); the
+            verification keeps the whole vocabulary, so the output does not change.
         compaction: True (default) runs the layers after an exit only on the continuing rows; False
             keeps every row and masks the exited ones (a reference path: same tokens, no savings).
         progress: None (default) or a callable called with the number of positions generated so far
@@ -109,6 +113,8 @@ class EarlyExitLM:
         self.heads = _check_heads(heads, self.exit_layers)
         self.draft = "auto"
         self.draft_tokens = 4
+        self.draft_vocab = None
+        self._sub_head = None  # (draft_vocab, its stamp, DraftVocab), see _draft_vocab
         self.compaction = True
         self.progress = None
 
@@ -131,7 +137,27 @@ class EarlyExitLM:
         self.exit_layers, self.thresholds, self.heads = layers, thresholds, [heads.get(k) for k in layers]
 
     def _spec(self):
-        return ExitSpec(self.exit_layers, self.thresholds, self.heads, self.measure, self.compaction)
+        return ExitSpec(
+            self.exit_layers, self.thresholds, self.heads, self.measure, self.compaction, self._draft_vocab()
+        )
+
+    def _draft_vocab(self):
+        """``draft_vocab`` checked, with its sub-head; rebuilt only when the ids or the head weight change."""
+        ids = self.draft_vocab
+        if ids is None:
+            return None
+        V = self.model.lm_head.out_features
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.numel() == 0 or ids.dtype != torch.int64:
+            raise ValueError(f"draft_vocab: expected None or a non-empty int64 tensor [V'], got {_describe(ids)}")
+        weight = self.model.lm_head.weight
+        stamp = (ids._version, weight.data_ptr(), weight._version)
+        cached = self._sub_head
+        if cached is None or cached[0] is not ids or cached[1] != stamp:
+            if int(ids.min()) < 0 or int(ids.max()) >= V or ids.unique().numel() != ids.numel():
+                raise ValueError(f"draft_vocab: expected distinct token ids in [0, {V})")
+            ids_here = ids.to(self.adapter.device)
+            self._sub_head = ids, stamp, DraftVocab(ids_here, self.adapter.sub_head(ids_here))
+        return self._sub_head[2]
 
     def _draft_policy(self):
         """A fresh per-call driver of ``self.draft`` (ValueError if it is neither "auto" nor a valid DraftPolicy)."""

@@ -23,6 +23,7 @@ class ExitSpec:
     thresholds: one float per exit layer. heads: one callable [N, d] -> [N, d] or None per exit layer.
     measure: exit_check measure. compaction: False runs every row through every layer and only masks
     the results of exited rows (a reference for the compacted path; same tokens, no savings).
+    draft_vocab: None (drafts over the whole vocabulary) or a :class:`DraftVocab`.
     """
 
     exit_layers: list
@@ -30,6 +31,16 @@ class ExitSpec:
     heads: list
     measure: str
     compaction: bool = True
+    draft_vocab: object = None
+
+
+@dataclass
+class DraftVocab:
+    """Exact mode's draft sub-vocabulary: ids int64 [V'] (ascending) and the exit_check keyword
+    arguments of the shared head restricted to those rows (:meth:`ModelAdapter.sub_head`)."""
+
+    ids: torch.Tensor
+    exit_head: dict
 
 
 @dataclass
@@ -153,7 +164,7 @@ def verify_forward(adapter, cache, block, attention_mask, running, first_states,
     return h, rows
 
 
-def draft_step(adapter, cache, input_ids, attention_mask, running, depth, head, counters):
+def draft_step(adapter, cache, input_ids, attention_mask, running, depth, head, counters, vocab=None):
     """One draft at a fixed depth E: layers 0..E-1, then the fused exit check through E's head.
 
     The layers E..L-1 of the new position stay reserved (zeros): only the verification reads or
@@ -162,6 +173,8 @@ def draft_step(adapter, cache, input_ids, attention_mask, running, depth, head, 
     Args:
         input_ids: [B, 1] int64. attention_mask: [B, S], S >= cache.length + 1. running: [B] bool.
         depth: E, 1 <= E < L. head: None or a callable [K, d] -> [K, d] before the shared head.
+        vocab: None or a :class:`DraftVocab`: the check runs over its rows only, and max_prob is
+            the draft token's probability within that sub-vocabulary.
 
     Returns:
         (tokens int64 [B] (0 for rows not running), max_prob float32 [K] of the draft tokens (NaN for
@@ -173,12 +186,14 @@ def draft_step(adapter, cache, input_ids, attention_mask, running, depth, head, 
     h = _run_layers(adapter, range(depth), r.hidden, r.masks, windows, r.pos, (r.cos, r.sin), view)[:, -1]
     counters.layer_rows += depth * r.rows.shape[0]
     t0 = time.perf_counter()
-    res = exit_check(h if head is None else head(h), threshold=1.0, **adapter.exit_head)
+    x = h if head is None else head(h)
+    res = exit_check(x, threshold=1.0, **(adapter.exit_head if vocab is None else vocab.exit_head))
     counters.exit_check_s += time.perf_counter() - t0
     counters.draft_steps += 1
     tokens = torch.zeros(batch, dtype=torch.int64, device=input_ids.device)
     # An invalid row (token -1, NaN probability) drafts token 0, which the verification judges like any draft.
-    scatter_rows(tokens, r.rows, res.token.clamp(min=0))
+    token = res.token.clamp(min=0)
+    scatter_rows(tokens, r.rows, token if vocab is None else vocab.ids[token])
     return tokens, res.max_prob, h
 
 

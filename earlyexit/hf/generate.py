@@ -204,7 +204,9 @@ def _draft(adapter, spec, run, running, choice):
     drafts, states, confidences = [], [], []
     pending, am = run.pending, run.attention_mask
     for _ in range(choice.max_tokens):
-        tok, prob, state = draft_step(adapter, run.cache, pending, am, running, depth, head, run.counters)
+        tok, prob, state = draft_step(
+            adapter, run.cache, pending, am, running, depth, head, run.counters, spec.draft_vocab
+        )
         states.append(state)
         # NaN (an invalid row) counts as 0: it never passes a threshold.
         confidences.append(float(torch.nan_to_num(prob, nan=0.0).min()))

@@ -172,3 +172,17 @@ class ModelAdapter:
             norm_eps=float(eps),
             **shard,
         )
+
+    def sub_head(self, token_ids):
+        """:attr:`exit_head` over the vocabulary rows ``token_ids`` only (int64 [V'], on the model's device).
+
+        The rows are copied once into a contiguous [V', d] weight, so an exit check over them reads
+        V'/V of the head. Its tokens index ``token_ids``. Raises ValueError for a vocabulary-sharded head.
+        """
+        kwargs = self.exit_head
+        if "group" in kwargs:
+            raise ValueError("draft_vocab: not supported with a vocabulary-sharded (tensor-parallel) lm_head")
+        kwargs["weight"] = kwargs["weight"].index_select(0, token_ids)
+        if kwargs["bias"] is not None:
+            kwargs["bias"] = kwargs["bias"].index_select(0, token_ids)
+        return kwargs
