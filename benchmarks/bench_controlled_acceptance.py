@@ -51,7 +51,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_speculative import PROMPTS, batches_of, new_tokens_of  # noqa: E402
+from bench_speculative import PROMPTS, batches_of, encode_chats, new_tokens_of  # noqa: E402
 from bench_utils import environment, format_table, timed_rounds, write_csv  # noqa: E402
 from forced_drafts import ForcedStats, expected_acceptance, expected_rounds, forced_drafts  # noqa: E402
 
@@ -142,12 +142,7 @@ def main(argv=None):
         groups = batches_of(PROMPTS, size)
         per_system = {}  # label -> dict(secs, same, rows, stats, forced)
         for gi, prompts in enumerate(groups):
-            chats = [
-                tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-                for q in prompts
-            ]
-            enc = tok(chats, return_tensors="pt", padding=True).to(device)
-            ids, am = enc.input_ids, enc.attention_mask
+            ids, am = encode_chats(tok, prompts, device)
             with torch.inference_mode():
                 reference = model.generate(ids, attention_mask=am, max_new_tokens=n_new, do_sample=False)
             reference = reference[:, ids.shape[1] :]

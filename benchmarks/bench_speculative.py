@@ -44,6 +44,16 @@ def batches_of(prompts, size):
     return [[prompts[(i * size + j) % len(prompts)] for j in range(size)] for i in range(count)]
 
 
+def encode_chats(tokenizer, prompts, device):
+    """One user turn per prompt through the chat template, left-padded: (input_ids, attention_mask) [B, T]."""
+    chats = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in prompts
+    ]
+    enc = tokenizer(chats, return_tensors="pt", padding=True).to(device)
+    return enc.input_ids, enc.attention_mask
+
+
 def new_tokens_of(sequences, prompt_len, pad, eos):
     """Per row, the generated ids up to and including the first end of sequence (padding dropped)."""
     rows = []
@@ -108,12 +118,7 @@ def main(argv=None):
     for size in [int(b) for b in args.batches.split(",")]:
         per_system = {}
         for prompts in batches_of(PROMPTS, size):
-            chats = [
-                tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-                for q in prompts
-            ]
-            enc = tok(chats, return_tensors="pt", padding=True).to(device)
-            ids, am = enc.input_ids, enc.attention_mask
+            ids, am = encode_chats(tok, prompts, device)
             runners = make_runners(model, exact, calibrated, ids, am, n, hf_systems=size == 1)
             timed = timed_rounds(runners, device, args.repeats)
             ref = new_tokens_of(timed["generate"][0], ids.shape[1], pad, eos)

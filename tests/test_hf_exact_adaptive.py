@@ -81,7 +81,8 @@ def test_no_drafts_is_plain_decoding(model, batch, draft, monkeypatch):
     out = eem.generate(ids, am, max_new_tokens=N, mode="exact")
     assert torch.equal(out.sequences, ref)
     s = out.stats
-    assert s["draft_steps"] == 0 and s["draft_rounds"] == 0 and s["plain_steps"] == N
+    # The first token comes from the prompt's full-depth prefill, every other one from a plain step.
+    assert s["draft_steps"] == 0 and s["draft_rounds"] == 0 and s["plain_steps"] == N - 1
     assert s["draft_depth"] is None and (out.exit_layer == L).all()
 
 
@@ -104,9 +105,9 @@ def test_unreachable_draft_threshold_stops_after_one_draft(model, batch):
     out = _eem(model, DraftPolicy(EXITS[0], 1.5, 4)).generate(ids, am, max_new_tokens=N, mode="exact")
     assert torch.equal(out.sequences, ref)
     s = out.stats
-    # One draft step per round, dropped: every round verifies the pending token alone (the last
-    # token, with nothing left to draft for, is a plain step).
-    assert s["draft_steps"] == s["draft_rounds"] == N - 1 and s["block_lengths"] == {0: N - 1}
+    # One draft step per round, dropped: every round verifies the pending token alone (the first
+    # token comes from the prefill; the last, with nothing left to draft for, is a plain step).
+    assert s["draft_steps"] == s["draft_rounds"] == N - 2 and s["block_lengths"] == {0: N - 2}
     assert (out.exit_layer == L).all()
 
 

@@ -317,3 +317,18 @@ def test_errors(batch):
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(ValueError, match="LlamaForCausalLM.*Qwen3ForCausalLM"):
         EarlyExitLM(gpt2, [1])
+
+
+def test_exit_mode_turned_off_is_plain_decoding(model, batch):
+    """No exit layers (calibration turned early exit off): the whole prompt is prefilled, no exit
+    check runs, every token is full depth and equals model.generate, with an end of sequence too."""
+    ids, am = batch
+    eem = EarlyExitLM(model, EXITS)
+    eem.set_exit_layers([], [])
+    eos = int(_reference(model, ids, am, 8)[1, T + 2])
+    for n, stop in ((8, None), (1, None), (8, eos)):
+        out = eem.generate(ids, am, max_new_tokens=n, eos_token_id=stop)
+        assert torch.equal(out.sequences, _reference(model, ids, am, n, eos=stop)), (n, stop)
+        assert set(out.exit_layer.unique().tolist()) <= {0, L} and out.stats["exit_check_time_share"] == 0
+        assert abs(out.stats["layer_compute_skipped"]) < 1e-9
+    assert_cache_is_the_models_own(model, out, am)

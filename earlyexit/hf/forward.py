@@ -200,7 +200,8 @@ def draft_step(adapter, cache, input_ids, attention_mask, running, depth, head, 
 def plain_step(adapter, cache, input_ids, attention_mask, running, chooser, counters, fused):
     """One full-depth decoding step without exit checks: next tokens int64 [B] (0 for rows not running).
 
-    input_ids: [B, 1] int64; fused: as in :func:`full_depth_tokens`.
+    input_ids: [B, q] int64 (q > 1: a prefill; the token follows the last position); fused: as in
+    :func:`full_depth_tokens`.
     """
     h, rows = full_forward(adapter, cache, input_ids, attention_mask, running, counters)
     tokens = torch.zeros(input_ids.shape[0], dtype=torch.int64, device=input_ids.device)

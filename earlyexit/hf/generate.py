@@ -1,9 +1,11 @@
 """Generation loops: exit mode (per-row early exits) and exact mode (self-speculative decoding).
 
-Both start with a full-depth prefill of the prompt minus its last token; the last prompt token is
-then the input of the first step, so the first generated token goes through the exit checks like
-every other one. Finished rows (end of sequence) stop computing and are padded, as in
-``model.generate``.
+Exit mode starts with a full-depth prefill of the prompt minus its last token; the last prompt
+token is then the input of the first step, so the first generated token goes through the exit
+checks like every other one. Exact mode (and exit mode without exit layers) prefills the whole
+prompt, as ``model.generate`` does, and takes the first token from that full-depth pass (a draft
+of it would only be verified by the same computation). Finished rows (end of sequence) stop
+computing and are padded, as in ``model.generate``.
 """
 
 import time
@@ -55,7 +57,7 @@ class _Run:
     to ``count`` [B].
     """
 
-    def __init__(self, adapter, input_ids, attention_mask, max_new_tokens, eos, pad, progress):
+    def __init__(self, adapter, input_ids, attention_mask, max_new_tokens, eos, pad, progress, first=None):
         batch, device = input_ids.shape[0], input_ids.device
         self.adapter = adapter
         self.cache = RowCache(
@@ -77,8 +79,19 @@ class _Run:
         # left padding or a hole (a rejected draft's position, see generate_exact).
         self.attention_mask = attention_mask
         self.pending = input_ids[:, -1:]
-        if input_ids.shape[1] > 1:
+        if first is not None:
+            self._first_token(input_ids, *first)
+        elif input_ids.shape[1] > 1:
             full_forward(adapter, self.cache, input_ids[:, :-1], attention_mask, self.unfinished, Counters())
+
+    def _first_token(self, input_ids, chooser, fused):
+        """Prefill the whole prompt and emit its full-depth next token (exact mode's first token)."""
+        running = self.unfinished.clone()
+        tok = plain_step(self.adapter, self.cache, input_ids, self.attention_mask, running, chooser, Counters(), fused)
+        # The prompt's positions are not generation work; the last one's layers produce a token.
+        self.counters.layer_rows += self.adapter.num_layers * int(running.sum())
+        self.emit(tok[:, None], torch.full_like(tok[:, None], self.adapter.num_layers))
+        self.advance(tok[:, None])
 
     def ones(self, n):
         """attention_mask extended by n real positions: [B, S + n]."""
@@ -138,15 +151,15 @@ class _Run:
 
 def generate_exit(adapter, spec, input_ids, attention_mask, max_new_tokens, eos, pad, chooser, progress):
     """Exit mode: every token of every row exits at the first exit layer whose check passes."""
-    run = _Run(adapter, input_ids, attention_mask, max_new_tokens, eos, pad, progress)
-    while True:
+    # Without exit layers (early exit turned off) nothing checks the first token: prefill it all.
+    first = None if spec.exit_layers else (chooser, True)
+    run = _Run(adapter, input_ids, attention_mask, max_new_tokens, eos, pad, progress, first)
+    while not run.finished:
         running = run.unfinished.clone()
         tokens, layers = exit_step(
             adapter, run.cache, spec, run.pending, run.attention_mask, running, chooser, run.counters
         )
         run.emit(tokens[:, None], layers[:, None])
-        if run.finished:
-            break
         run.advance(tokens[:, None])
     return run
 
@@ -232,10 +245,10 @@ def generate_exact(adapter, spec, input_ids, attention_mask, max_new_tokens, eos
     (counted from the mask, as with left padding) skip them. When holes and padding add up to enough
     positions in every row, :meth:`~earlyexit.hf.cache.RowCache.compact` drops them.
     """
-    run = _Run(adapter, input_ids, attention_mask, max_new_tokens, eos, pad, progress)
     # Float32 greedy: the fused head's argmax matches the logits'; half precision keeps the rounded
     # logits, whose ties model.generate breaks by index.
     fused = adapter.dtype == torch.float32
+    run = _Run(adapter, input_ids, attention_mask, max_new_tokens, eos, pad, progress, first=(chooser, fused))
     num_layers, batch, device = adapter.num_layers, input_ids.shape[0], input_ids.device
     c = run.counters
     while not run.finished:
