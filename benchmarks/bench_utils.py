@@ -85,13 +85,19 @@ def timed_rounds(runners, device, repeats):
 
     Runners are interleaved, round after round, so that slow drifts of the machine (clock, other
     tenants) bias none of them; each is run once first as a warm-up (kernels, autotuning, allocator).
+    Round r starts at the r-th runner (a rotation), so that no runner always follows the same one: a
+    heavy runner (transformers' assisted generation) leaves the allocator and caches in a state that
+    slows whichever runs next.
     """
     for fn in runners.values():
         fn()
     times = {label: [] for label in runners}
     outs = {}
-    for _ in range(repeats):
-        for label, fn in runners.items():
+    labels = list(runners)
+    for r in range(repeats):
+        shift = r % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            fn = runners[label]
             synchronize(device)
             t0 = time.perf_counter()
             outs[label] = fn()
