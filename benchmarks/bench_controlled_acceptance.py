@@ -51,8 +51,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_speculative import PROMPTS, batches_of, encode_chats, new_tokens_of  # noqa: E402
-from bench_utils import environment, format_table, timed_rounds, write_csv  # noqa: E402
+from bench_speculative import PROMPTS, batches_of, encode_chats, new_tokens_of, special_tokens  # noqa: E402
+from bench_utils import add_generation_args, environment, format_table, timed_rounds, write_csv  # noqa: E402
 from forced_drafts import ForcedStats, expected_acceptance, expected_rounds, forced_drafts  # noqa: E402
 
 #: The target of issue 12 at alpha = 0.8, E = L/4: exact mode's speedup over model.generate by batch size.
@@ -88,11 +88,9 @@ def main(argv=None):
         metavar="SHARE",
         help="draft over the SHARE most frequent tokens of the built-in corpus (FR-Spec; eem.draft_vocab)",
     )
-    p.add_argument("--new-tokens", type=int, default=48)
-    p.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds (the median is reported)")
+    add_generation_args(p)
     p.add_argument("--seed", type=int, default=0, help="of the forcing's coins (+ the batch's index)")
     p.add_argument("--quick", action="store_true", help="batch 1, alpha 0.8, depth L/4, 16 new tokens, one round")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     args = p.parse_args(argv)
     if args.quick:
         args.batches, args.alphas, args.depths = "1", "0.8", args.depths.split(",")[0]
@@ -106,9 +104,7 @@ def main(argv=None):
     model, tok = load_smollm2()
     device = model.device
     env = environment(device)
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
-    pad = model.generation_config.pad_token_id
+    eos, pad = special_tokens(model)
     vocab = model.config.vocab_size
     n_new = args.new_tokens
     num_layers = model.config.num_hidden_layers

@@ -25,7 +25,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_utils import environment, format_table, timed_rounds, write_csv  # noqa: E402
+from bench_utils import add_generation_args, environment, format_table, timed_rounds, write_csv  # noqa: E402
 
 PROMPTS = [
     "Summarize in one sentence: The city council met on Tuesday to discuss the new park. After two hours of "
@@ -52,6 +52,12 @@ def encode_chats(tokenizer, prompts, device):
     ]
     enc = tokenizer(chats, return_tensors="pt", padding=True).to(device)
     return enc.input_ids, enc.attention_mask
+
+
+def special_tokens(model):
+    """(set of end-of-sequence ids, pad id) from the model's generation config."""
+    eos = model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos]), model.generation_config.pad_token_id
 
 
 def new_tokens_of(sequences, prompt_len, pad, eos):
@@ -85,11 +91,9 @@ def make_runners(model, exact, calibrated, ids, am, n, hf_systems):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="1,4,8")
-    p.add_argument("--new-tokens", type=int, default=48)
-    p.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds (the median is reported)")
+    add_generation_args(p)
     p.add_argument("--target", type=float, default=0.95, help="calibration target agreement of ee-exit")
     p.add_argument("--quick", action="store_true", help="batch 1 only, 16 new tokens, one round")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     args = p.parse_args(argv)
     if args.quick:
         args.batches, args.new_tokens, args.repeats = "1", 16, 1
@@ -102,9 +106,7 @@ def main(argv=None):
     model, tok = load_smollm2()
     device = model.device
     env = environment(device)
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
-    pad = model.generation_config.pad_token_id
+    eos, pad = special_tokens(model)
     n = args.new_tokens
 
     exact = earlyexit.EarlyExitLM(model, [12, 18, 24])

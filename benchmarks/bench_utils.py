@@ -80,6 +80,15 @@ def time_fn(fn, device, *, reps=None, warmup=3, cuda_graph=False):
     return statistics.median(times)
 
 
+def add_generation_args(parser, new_tokens=48, repeats=3):
+    """The arguments every generation benchmark takes: --new-tokens, --repeats, --out (the CSV folder)."""
+    parser.add_argument("--new-tokens", type=int, default=new_tokens)
+    parser.add_argument(
+        "--repeats", type=int, default=repeats, help="interleaved timed rounds (the median is reported)"
+    )
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
+
+
 def timed_rounds(runners, device, repeats):
     """Median wall-clock seconds and last output of each runner, {label: (out, s)}.
 
