@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from tiny_models import tiny_causal_lm  # noqa: E402
+from tiny_models import random_ids, tiny_causal_lm  # noqa: E402
 
 import earlyexit  # noqa: E402
 from earlyexit import EarlyExitLM, ExitAdapters, calibrate, train_exit_adapters  # noqa: E402
@@ -25,24 +25,19 @@ def model():
     return tiny_causal_lm("llama", num_layers=6)
 
 
-def _ids(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, 300, (n,), generator=g)
-
-
 def test_identity_adapters_reproduce_the_shared_head(model):
     ident = ExitAdapters(EXITS, 64, 300)
-    a = exit_scores(EarlyExitLM(model, EXITS), _ids(256, 1), seq_len=32, progress=False)
-    b = exit_scores(EarlyExitLM(model, EXITS, heads=ident), _ids(256, 1), seq_len=32, progress=False)
+    a = exit_scores(EarlyExitLM(model, EXITS), random_ids(256, 1), seq_len=32, progress=False)
+    b = exit_scores(EarlyExitLM(model, EXITS, heads=ident), random_ids(256, 1), seq_len=32, progress=False)
     assert torch.equal(a.scores, b.scores) and torch.equal(a.correct, b.correct)
 
 
 def test_training_lowers_held_out_kl(model):
     adapters = train_exit_adapters(
-        model, EXITS, _ids(2048, 2), steps=40, lr=3e-3, batch_size=128, seq_len=32, progress=False
+        model, EXITS, random_ids(2048, 2), steps=40, lr=3e-3, batch_size=128, seq_len=32, progress=False
     )
     assert isinstance(adapters, ExitAdapters) and len(adapters.history) == 40
-    states, final = collect_states(model, EXITS, token_windows(_ids(512, 3), 32))
+    states, final = collect_states(model, EXITS, token_windows(random_ids(512, 3), 32))
     before = adapter_kl(ExitAdapters(EXITS, 64, 300), model, states, final)
     after = adapter_kl(adapters, model, states, final)
     for k in EXITS:
@@ -66,7 +61,7 @@ def test_save_load_round_trips_bit_exactly(model, tmp_path):
 def test_adapters_plug_into_early_exit_lm(model):
     adapters = ExitAdapters(EXITS, 64, 300)
     eem = EarlyExitLM(model, EXITS, threshold=2.0, heads=adapters)  # unreachable: full depth
-    ids = _ids(12, 4).reshape(2, 6)
+    ids = random_ids(12, 4).reshape(2, 6)
     out = eem.generate(ids, max_new_tokens=3)
     ref = model.generate(ids, max_new_tokens=3, do_sample=False)
     assert torch.equal(out.sequences, ref)
@@ -94,11 +89,11 @@ def test_bad_arguments(model):
     with pytest.raises(ValueError, match="tokenizer"):
         train_exit_adapters(model, EXITS, ["some text"], steps=1)
     with pytest.raises(ValueError, match="exit_layers"):
-        train_exit_adapters(model, [4, 2], _ids(64, 5), steps=1)
+        train_exit_adapters(model, [4, 2], random_ids(64, 5), steps=1)
     with pytest.raises(ValueError, match="exit_layers"):
         ExitAdapters([], 64, 300)
     with pytest.raises(ValueError, match="target_agreement"):
-        calibrate(EarlyExitLM(model, EXITS), _ids(64, 5), target_agreement=1.5)
+        calibrate(EarlyExitLM(model, EXITS), random_ids(64, 5), target_agreement=1.5)
     with pytest.raises(ValueError, match="data"):
         calibrate(EarlyExitLM(model, EXITS), torch.empty(0, dtype=torch.int64))
 
@@ -125,7 +120,7 @@ def test_choose_thresholds_finds_the_known_optimum():
 @pytest.mark.parametrize("measure", ["max_prob", "margin", "entropy"])
 def test_calibrate_meets_its_target_on_its_own_data(model, measure):
     eem = EarlyExitLM(model, EXITS, measure=measure)
-    data = _ids(1024, 6)
+    data = random_ids(1024, 6)
     thresholds, report = calibrate(eem, data, target_agreement=0.9, objective="layers", seq_len=32, progress=False)
     assert eem.thresholds == thresholds and len(thresholds) == len(EXITS)
     assert report.agreement >= 0.9 and report.mean_layers < 6
@@ -147,7 +142,7 @@ def test_calibrated_folder_round_trips(model, tmp_path):
 
     adapters = ExitAdapters(EXITS, 64, 300)
     eem = EarlyExitLM(model, EXITS, measure="margin", heads=adapters)
-    _, report = calibrate(eem, _ids(512, 7), target_agreement=0.8, objective="layers", seq_len=32, progress=False)
+    _, report = calibrate(eem, random_ids(512, 7), target_agreement=0.8, objective="layers", seq_len=32, progress=False)
     adapters.save(tmp_path)
     save_thresholds(tmp_path, eem, report)
     loaded, policy = load_heads(tmp_path, model)
@@ -159,7 +154,7 @@ def test_calibrated_folder_round_trips(model, tmp_path):
 def test_one_pass_scores_every_measure(model):
     from earlyexit.tuning.calibrate import exit_scores_by_measure, exit_scores_from_states
 
-    states, final = collect_states(model, EXITS, token_windows(_ids(256, 8), 32))
+    states, final = collect_states(model, EXITS, token_windows(random_ids(256, 8), 32))
     together = exit_scores_by_measure(EarlyExitLM(model, EXITS), states, final)
     for measure in ("max_prob", "margin", "entropy"):
         alone = exit_scores_from_states(EarlyExitLM(model, EXITS, measure=measure), states, final)
@@ -173,14 +168,14 @@ def test_train_and_calibrate_on_cuda():
     model's device; the adapters plug into a CUDA EarlyExitLM."""
     model = tiny_causal_lm("llama", num_layers=6).to("cuda")
     adapters = train_exit_adapters(
-        model, EXITS, _ids(1024, 2), steps=20, lr=3e-3, batch_size=128, seq_len=32, progress=False
+        model, EXITS, random_ids(1024, 2), steps=20, lr=3e-3, batch_size=128, seq_len=32, progress=False
     )
     assert next(adapters.parameters()).device.type == "cuda"
     eem = EarlyExitLM(model, EXITS, heads=adapters)
     thresholds, report = calibrate(
-        eem, _ids(512, 6), target_agreement=0.9, objective="layers", seq_len=32, progress=False
+        eem, random_ids(512, 6), target_agreement=0.9, objective="layers", seq_len=32, progress=False
     )
     assert report.agreement >= 0.9 and len(thresholds) == len(EXITS)
-    ids = _ids(8, 7).view(2, 4).cuda()
+    ids = random_ids(8, 7).view(2, 4).cuda()
     out = eem.generate(ids, torch.ones_like(ids), max_new_tokens=4)
     assert out.sequences.shape == (2, 8) and out.sequences.device.type == "cuda"

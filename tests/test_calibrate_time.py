@@ -6,7 +6,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from tiny_models import tiny_causal_lm  # noqa: E402
+from tiny_models import random_ids, tiny_causal_lm  # noqa: E402
 
 from earlyexit import CostModel, EarlyExitLM, calibrate  # noqa: E402
 from earlyexit.tuning.calibrate import ExitScores, choose_thresholds, exit_scores, report_for, simulate  # noqa: E402
@@ -38,11 +38,6 @@ def _scores(scores, correct, exit_layers, num_layers=10):
 @pytest.fixture(scope="module")
 def model():
     return tiny_causal_lm("llama", num_layers=6)
-
-
-def _ids(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, 300, (n,), generator=g)
 
 
 def test_expected_time_is_the_sum_over_tokens():
@@ -116,7 +111,7 @@ def test_meets_its_target_on_held_out_draws():
 def test_calibrate_by_time_end_to_end(model):
     eem = EarlyExitLM(model, EXITS)
     costs = _costs(EXITS, 6, check=0.2, head=1.0, propagate=0.1)
-    data, held = _ids(1024, 6), _ids(1024, 8)
+    data, held = random_ids(1024, 6), random_ids(1024, 8)
     thresholds, report = calibrate(eem, data, target_agreement=0.9, costs=costs, seq_len=32, progress=False)
     assert report.objective == "time" and eem.thresholds == thresholds and len(thresholds) == len(eem.exit_layers)
     assert list(report.exit_fraction) == eem.exit_layers and set(report.dropped_layers) | set(eem.exit_layers) == set(
@@ -134,12 +129,12 @@ def test_calibrate_by_time_end_to_end(model):
 def test_calibrate_turns_early_exit_off_when_nothing_pays(model):
     eem = EarlyExitLM(model, EXITS)
     _, report = calibrate(
-        eem, _ids(512, 6), target_agreement=0.9, costs=_costs(EXITS, 6, check=50.0), seq_len=32, progress=False
+        eem, random_ids(512, 6), target_agreement=0.9, costs=_costs(EXITS, 6, check=50.0), seq_len=32, progress=False
     )
     assert eem.exit_layers == [] and eem.thresholds == [] and eem.heads == []
     assert report.exit_fraction == {} and report.dropped_layers == EXITS and "OFF" in str(report)
     # Off: every token runs at full depth, with no exit check, giving model.generate's tokens.
-    ids = _ids(5, 1)[None]
+    ids = random_ids(5, 1)[None]
     ref = model.generate(ids, max_new_tokens=6, do_sample=False)
     for mode in ("exit", "exact"):
         out = eem.generate(ids, max_new_tokens=6, mode=mode)
@@ -149,7 +144,7 @@ def test_calibrate_turns_early_exit_off_when_nothing_pays(model):
 
 def test_objective_layers_is_the_old_search(model):
     eem = EarlyExitLM(model, EXITS)
-    data = _ids(1024, 6)
+    data = random_ids(1024, 6)
     thresholds, report = calibrate(eem, data, target_agreement=0.9, objective="layers", seq_len=32, progress=False)
     scores = exit_scores(eem, data, seq_len=32, progress=False)
     old = report_for(scores, choose_thresholds(scores, 0.9), 0.9)
@@ -173,10 +168,10 @@ def test_set_exit_layers_keeps_heads(model):
 def test_bad_arguments(model):
     eem = EarlyExitLM(model, EXITS)
     with pytest.raises(ValueError, match="objective"):
-        calibrate(eem, _ids(64, 5), objective="speed")
+        calibrate(eem, random_ids(64, 5), objective="speed")
     with pytest.raises(ValueError, match="costs"):
-        calibrate(eem, _ids(64, 5), costs="fast")
+        calibrate(eem, random_ids(64, 5), costs="fast")
     with pytest.raises(ValueError, match="costs"):
-        calibrate(eem, _ids(64, 5), costs=_costs([2, 4], 12))
+        calibrate(eem, random_ids(64, 5), costs=_costs([2, 4], 12))
     with pytest.raises(ValueError, match="costs"):
-        calibrate(eem, _ids(64, 5), costs=_costs([2], 6))
+        calibrate(eem, random_ids(64, 5), costs=_costs([2], 6))

@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("transformers")
 
 from test_hf_generate import EXITS, L, T, _reference, assert_cache_is_the_models_own  # noqa: E402
-from tiny_models import tiny_causal_lm  # noqa: E402
+from tiny_models import left_padded_batch, tiny_causal_lm  # noqa: E402
 
 import earlyexit.hf.generate as hf_generate  # noqa: E402
 from earlyexit import EarlyExitLM  # noqa: E402
@@ -33,13 +33,8 @@ def model(request):
 
 @pytest.fixture(scope="module")
 def batch():
-    """Three prompts of lengths 7, 4 and 2, left-padded with token 0."""
-    torch.manual_seed(1)
-    ids = torch.randint(3, 300, (3, T))
-    am = torch.ones_like(ids)
-    am[1, :3] = 0
-    am[2, :5] = 0
-    return ids.masked_fill(am == 0, 0), am
+    """Three prompts of lengths 7, 4 and 2 (T = 7), left-padded with token 0."""
+    return left_padded_batch()
 
 
 def _eem(model, draft):

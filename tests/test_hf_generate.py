@@ -9,7 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from tiny_models import tiny_causal_lm  # noqa: E402
+from tiny_models import left_padded_batch, tiny_causal_lm  # noqa: E402
 
 from earlyexit import EarlyExitLM  # noqa: E402
 from earlyexit.hf import DraftPolicy  # noqa: E402
@@ -30,13 +30,8 @@ def model(request):
 
 @pytest.fixture(scope="module")
 def batch():
-    """Three prompts of lengths 7, 4 and 2, left-padded with token 0."""
-    torch.manual_seed(1)
-    ids = torch.randint(3, 300, (3, T))
-    am = torch.ones_like(ids)
-    am[1, :3] = 0
-    am[2, :5] = 0
-    return ids.masked_fill(am == 0, 0), am
+    """Three prompts of lengths 7, 4 and 2 (T = 7), left-padded with token 0."""
+    return left_padded_batch()
 
 
 def _reference(model, ids, am, n, eos=None):

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("transformers")
 
 from test_hf_generate import _reference, assert_cache_is_the_models_own  # noqa: E402
-from tiny_models import tiny_causal_lm  # noqa: E402
+from tiny_models import left_padded_batch, tiny_causal_lm  # noqa: E402
 
 import earlyexit.hf.generate as hf_generate  # noqa: E402
 from earlyexit import EarlyExitLM  # noqa: E402
@@ -28,12 +28,7 @@ DRAFT = DraftPolicy(4, 0.0, 2)
 @pytest.fixture(scope="module")
 def batch():
     """Four prompts of lengths 7, 4, 2 and 7, left-padded with token 0."""
-    torch.manual_seed(1)
-    ids = torch.randint(3, 300, (4, 7))
-    am = torch.ones_like(ids)
-    am[1, :3] = 0
-    am[2, :5] = 0
-    return ids.masked_fill(am == 0, 0), am
+    return left_padded_batch((7, 4, 2, 7))
 
 
 def _eem(model, draft=DRAFT):

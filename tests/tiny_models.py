@@ -33,3 +33,19 @@ def tiny_causal_lm(kind="llama", num_layers=6, hidden_size=64, vocab_size=300, s
         raise ValueError(f"kind: unknown {kind!r}")
     model.generation_config.pad_token_id = 0  # EarlyExitLM pads finished rows with the generation config's pad
     return model.eval()
+
+
+def random_ids(n, seed, vocab_size=300):
+    """n random token ids in [1, vocab_size) from a seeded generator: int64 [n]."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, vocab_size, (n,), generator=g)
+
+
+def left_padded_batch(lengths=(7, 4, 2)):
+    """Prompts of the given lengths, left-padded with token 0 to the longest: (ids, attention_mask), int64 [B, T]."""
+    torch.manual_seed(1)
+    ids = torch.randint(3, 300, (len(lengths), max(lengths)))
+    am = torch.ones_like(ids)
+    for row, n in enumerate(lengths):
+        am[row, : ids.shape[1] - n] = 0
+    return ids.masked_fill(am == 0, 0), am
