@@ -5,6 +5,7 @@ default, and reports GB/s (weight + hidden bytes over the median time) against a
 measured at the start of the same run, plus the speedup over eager. Usage:
 
     python benchmarks/bench_exit_check_cpu.py [--d 576] [--v 49152] [--n 1 8 64] [--dtype float32]
+        [--softcap 30 --norm-offset 1]   # Gemma's head: final-logit softcapping, RMSNorm scale 1 + w
 """
 
 import argparse
@@ -19,11 +20,14 @@ import torch
 import earlyexit
 
 
-def eager(hidden, weight, norm_weight, eps, threshold):
-    """What a model does without the fused op: RMSNorm, [N, V] logits, softmax, top-2, entropy, logsumexp."""
+def eager(hidden, weight, norm_weight, eps, threshold, norm_offset=0.0, softcap=None):
+    """What a model does without the fused op: RMSNorm, [N, V] logits (softcapped as Gemma 2 does),
+    softmax, top-2, entropy, logsumexp."""
     x = hidden.float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (norm_offset + norm_weight.float())
     z = (x.to(weight.dtype) @ weight.T).float()
+    if softcap is not None:
+        z = torch.tanh(z / softcap) * softcap
     logp = torch.log_softmax(z, -1)
     p = logp.exp()
     top = torch.topk(p, 2, -1)
@@ -63,7 +67,10 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--softcap", type=float, default=None, help="final-logit softcapping (Gemma 2: 30)")
+    p.add_argument("--norm-offset", type=float, default=0.0, help="RMSNorm scale offset (Gemma: 1)")
     args = p.parse_args(argv)
+    head = dict(norm_offset=args.norm_offset, softcap=args.softcap)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -75,18 +82,21 @@ def main(argv=None):
     print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}")
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"# {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, load average {load}")
-    print(f"# d={args.d} V={args.v} {args.dtype}, weight {wbytes / 1e6:.1f} MB, copy bandwidth {copy_gbs:.1f} GB/s")
+    print(
+        f"# d={args.d} V={args.v} {args.dtype}, norm_offset {args.norm_offset}, softcap {args.softcap}, "
+        f"weight {wbytes / 1e6:.1f} MB, copy bandwidth {copy_gbs:.1f} GB/s"
+    )
     print("| N | provider | median ms | GB/s | % of copy | speedup vs eager |")
     print("|---|---|---|---|---|---|")
     for n in args.n:
         hidden = torch.randn(n, args.d).to(dtype)
         thr = torch.full((n,), 0.5)
-        providers = {"eager": lambda h=hidden, t=thr: eager(h, weight, norm_weight, 1e-6, t)}
+        providers = {"eager": lambda h=hidden, t=thr: eager(h, weight, norm_weight, 1e-6, t, **head)}
         for backend in ("torch", "cpu"):
             reason = earlyexit.build_info()["backends"][backend]["cpu"]
             if reason is None:
                 providers[f"earlyexit {backend}"] = lambda h=hidden, b=backend: earlyexit.exit_check(
-                    h, weight, 0.5, norm_weight=norm_weight, backend=b
+                    h, weight, 0.5, norm_weight=norm_weight, backend=b, **head
                 )
         times = median_seconds(providers, args.reps)
         nbytes = wbytes + hidden.numel() * hidden.element_size()

@@ -30,11 +30,12 @@ struct StatsOutputs {
 
 // The head, already validated: hidden [N, d] (unit column stride, any row stride), weight [V, d], V >= 1
 // (same dtype, unit column stride), norm_weight [d] / bias [V] contiguous (any float dtype) or absent,
-// eps >= 0, temperature > 0.
+// eps >= 0, temperature > 0, norm_offset finite (the RMSNorm scale is norm_offset + norm_weight, in
+// float32), softcap >= 0 (0: no final-logit softcapping; see head_logit in exit_check_stats.h).
 struct ExitArgs {
   at::Tensor hidden, weight;
   std::optional<at::Tensor> norm_weight, bias;
-  double eps, temperature;
+  double eps, temperature, norm_offset, softcap;
 };
 
 // The exit rule of exit_check: threshold [N] float32 contiguous, statistic one of earlyexit::Statistic,

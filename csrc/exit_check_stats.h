@@ -74,6 +74,14 @@ EE_HD void push_logit(RowStats& a, float z, int64_t col) {
   }
 }
 
+// The logit of one column after the GEMM and bias: final-logit softcapping (softcap > 0; 0 = none) of a
+// finite logit, then the temperature. Non-finite logits pass unchanged, so a -inf bias still masks its
+// column and a NaN/+inf logit still makes its row invalid (earlyexit.ops.reference.cap_logits).
+EE_HD float head_logit(float z, float softcap, float temperature) {
+  if (softcap > 0.f && is_finite(z)) z = softcap * tanhf(z / softcap);
+  return z / temperature;
+}
+
 // Merges b into a (any two disjoint column sets).
 EE_HD void merge_stats(RowStats& a, const RowStats& b) {
   const float m = fmaxf(a.m, b.m);

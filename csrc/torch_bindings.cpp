@@ -12,6 +12,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <string>
 
 #include "exit_check.h"
@@ -56,6 +57,9 @@ void check_head(const char* op, const ExitArgs& a) {
   check_vector(op, a.bias, "bias", w.size(0), h);
   TORCH_CHECK(a.temperature > 0, op, ": temperature must be > 0, got ", a.temperature);
   TORCH_CHECK(a.eps >= 0, op, ": norm_eps must be >= 0, got ", a.eps);
+  TORCH_CHECK(std::isfinite(a.norm_offset), op, ": norm_offset must be finite, got ", a.norm_offset);
+  TORCH_CHECK(std::isfinite(a.softcap) && a.softcap >= 0, op, ": softcap must be finite and >= 0 (0: none), got ",
+              a.softcap);
 }
 
 // statistic is checked as the int64 the schema passes, before it narrows to int.
@@ -74,9 +78,10 @@ using StatsTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
 template <void (*Kernel)(const ExitArgs&, const ExitRule&, const ExitOutputs&)>
 ExitTuple exit_check_op(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& threshold,
                         const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& bias,
-                        int64_t statistic, bool exit_above, double norm_eps, double temperature) {
+                        int64_t statistic, bool exit_above, double norm_eps, double temperature, double norm_offset,
+                        double softcap) {
   constexpr const char* op = "earlyexit_C::exit_check";
-  const ExitArgs args{hidden, weight, norm_weight, bias, norm_eps, temperature};
+  const ExitArgs args{hidden, weight, norm_weight, bias, norm_eps, temperature, norm_offset, softcap};
   check_head(op, args);
   check_rule(op, threshold, statistic, hidden);
   const ExitRule rule{threshold, static_cast<int>(statistic), exit_above};
@@ -96,8 +101,8 @@ ExitTuple exit_check_op(const at::Tensor& hidden, const at::Tensor& weight, cons
 template <void (*Kernel)(const ExitArgs&, const StatsOutputs&)>
 StatsTuple exit_stats_op(const at::Tensor& hidden, const at::Tensor& weight,
                          const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& bias,
-                         double norm_eps, double temperature) {
-  const ExitArgs args{hidden, weight, norm_weight, bias, norm_eps, temperature};
+                         double norm_eps, double temperature, double norm_offset, double softcap) {
+  const ExitArgs args{hidden, weight, norm_weight, bias, norm_eps, temperature, norm_offset, softcap};
   check_head("earlyexit_C::exit_stats", args);
   const int64_t n = hidden.size(0);
   const auto f32 = hidden.options().dtype(at::kFloat);
@@ -114,11 +119,11 @@ StatsTuple exit_stats_op(const at::Tensor& hidden, const at::Tensor& weight,
 TORCH_LIBRARY(earlyexit_C, m) {
   m.def(
       "exit_check(Tensor hidden, Tensor weight, Tensor threshold, Tensor? norm_weight, Tensor? bias, int statistic, "
-      "bool exit_above, float norm_eps, float temperature) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
-      "Tensor)");
+      "bool exit_above, float norm_eps, float temperature, float norm_offset=0., float softcap=0.) -> (Tensor, "
+      "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "exit_stats(Tensor hidden, Tensor weight, Tensor? norm_weight, Tensor? bias, float norm_eps, "
-      "float temperature) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "float temperature, float norm_offset=0., float softcap=0.) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(earlyexit_C, CPU, m) {

@@ -4,6 +4,7 @@ Public API: :func:`exit_check` and :class:`ExitResult` (fused exit-head confiden
 statistics contract behind it: :func:`exit_stats`, :func:`merge_exit_stats`, :func:`finalize_exit_stats`
 and :class:`ExitStats` (vocabulary slices and shards; :mod:`earlyexit.distributed` for process groups),
 :func:`build_info` (what is built and which backends run here);
+:class:`ExitHead` (the exit check as an ``nn.Module`` over a model's head, by reference, for any PyTorch decoder);
 ragged batch compaction: :func:`compact`, :func:`partition_rows`, :func:`scatter_rows`;
 :class:`EarlyExitLM` (early-exit generation for HuggingFace models; needs transformers, imported lazily);
 exit heads for models never trained to exit: :func:`train_exit_adapters`, :class:`ExitAdapters`, :func:`calibrate`;
@@ -13,6 +14,7 @@ imported lazily).
 
 __version__ = "0.1.0"
 
+from earlyexit.exit_head import ExitHead  # noqa: E402
 from earlyexit.ops import (  # noqa: E402
     ExitResult,
     ExitStats,
@@ -32,6 +34,7 @@ __all__ = [
     "CostModel",
     "EarlyExitLM",
     "ExitAdapters",
+    "ExitHead",
     "ExitResult",
     "ExitStats",
     "build_info",

@@ -89,6 +89,18 @@ def all_gather_exit_stats(stats, group):
     return ExitStats(*merge_stats([ExitStats(*(x[r] for x in every)) for r in range(len(gathered))]))
 
 
+def max_over_ranks(values, group):
+    """The elementwise max over the group's ranks of a few floats (one small all_reduce), as a list.
+
+    For measurements that steer a choice every rank must make alike, such as exact mode's draft policy
+    learning from wall-clock times: each rank's own clock would let ranks choose differently and then
+    wait forever in different collectives.
+    """
+    t = torch.tensor(list(values), dtype=torch.float64, device=_collective_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.tolist()
+
+
 def _collective_device(group):
     """Where the group's collectives take tensors: CPU for gloo/MPI (or a CPU backend in a mixed group)."""
     backend = str(dist.get_backend(group))

@@ -12,25 +12,33 @@ TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 STATS = ("max_prob", "margin", "entropy", "lse")
 
 
-def logits_float64(hidden, weight, norm_weight=None, bias=None, temperature=1.0, eps=1e-6):
+def _softcap(z, softcap):
+    # Finite logits only: a -inf (masked) column stays masked, as the op documents.
+    return z if softcap is None else torch.where(torch.isfinite(z), softcap * torch.tanh(z / softcap), z)
+
+
+def logits_float64(
+    hidden, weight, norm_weight=None, bias=None, temperature=1.0, eps=1e-6, norm_offset=0.0, softcap=None
+):
     """[N, V] float64 logits of 2-D hidden rows: the ground truth."""
     x = hidden.double()
     if norm_weight is not None:
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.double()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (norm_offset + norm_weight.double())
     z = x @ weight.double().T
     if bias is not None:
         z = z + bias.double()
-    return z / temperature
+    return _softcap(z, softcap) / temperature
 
 
-def logits_naive(hidden, weight, norm_weight=None, bias=None, temperature=1.0, eps=1e-6):
-    """[N, V] float32 logits computed as an eager HF model does, in the input dtype."""
+def logits_naive(hidden, weight, norm_weight=None, bias=None, temperature=1.0, eps=1e-6, norm_offset=0.0, softcap=None):
+    """[N, V] float32 logits computed as an eager HF model does, in the input dtype (softcap in float32)."""
     x = hidden
     if norm_weight is not None:
         xf = x.float()
-        x = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(hidden.dtype) * norm_weight.to(hidden.dtype)
+        scale = (norm_offset + norm_weight.float()).to(hidden.dtype)
+        x = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(hidden.dtype) * scale
     z = torch.nn.functional.linear(x, weight, None if bias is None else bias.to(hidden.dtype))
-    return z.float() / temperature
+    return _softcap(z.float(), softcap) / temperature
 
 
 def stats_from_logits(z):

@@ -44,11 +44,13 @@ def make_inputs(n, d, v, dtype, device, norm=True, bias=True, scale=1.0):
     return hidden, weight, norm_weight, b
 
 
-def check_against_truth(res, hidden, weight, norm_weight, bias, temperature=1.0, measure="max_prob", thr=None):
-    """Asserts the tolerance contract for every statistic, the tokens and the exit decisions."""
+def check_against_truth(res, hidden, weight, norm_weight, bias, temperature=1.0, measure="max_prob", thr=None, **head):
+    """Asserts the tolerance contract for every statistic, the tokens and the exit decisions.
+
+    head: norm_offset / softcap, as given to the op."""
     h2 = hidden.reshape(-1, hidden.shape[-1])
-    z_true = logits_float64(h2, weight, norm_weight, bias, temperature)
-    z_naive = logits_naive(h2, weight, norm_weight, bias, temperature)
+    z_true = logits_float64(h2, weight, norm_weight, bias, temperature, **head)
+    z_naive = logits_naive(h2, weight, norm_weight, bias, temperature, **head)
     truth = stats_from_logits(z_true)
     naive = stats_from_logits(z_naive)
     rows = torch.isfinite(truth["lse"])
@@ -236,7 +238,7 @@ def test_opcheck(backend, device):
     thr = torch.full((3,), 0.5, device=device)
     torch.library.opcheck(
         torch.ops.earlyexit.exit_check.default,
-        (hidden, weight, thr, norm_weight, b, "max_prob", 1e-6, 1.0, backend),
+        (hidden, weight, thr, norm_weight, b, "max_prob", 1e-6, 1.0, 0.0, 0.0, backend),
     )
 
 

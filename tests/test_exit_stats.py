@@ -228,7 +228,7 @@ def test_merge_is_deterministic_and_neutral():
 def test_opcheck_and_empty_batch(backend, device):
     hidden, weight = integer_head(3, 16, 40, device)
     norm = torch.rand(16, device=device) + 0.5
-    torch.library.opcheck(exit_stats_op, (hidden, weight, norm, None, 1e-6, 1.0, backend))
+    torch.library.opcheck(exit_stats_op, (hidden, weight, norm, None, 1e-6, 1.0, 0.0, 0.0, backend))
     empty = exit_stats(torch.empty(0, 16, device=device), weight, backend=backend)
     assert all(x.shape == (0,) for x in empty)
 

@@ -8,6 +8,7 @@ lm_head shards are uneven (151 and 150 rows).
 
 import datetime
 import os
+import random
 import time
 
 import pytest
@@ -82,6 +83,17 @@ def _run_modes(model, ids, am):
     out["exact_calls"] = dict(calls)
     out["generate"] = _generate(model, ids, am)
     out["generate_calls"] = dict(calls)
+    # Clocks that disagree between the ranks (up to a second of noise per reading, seeded by rank): exact
+    # mode's draft policy learns from timings, yet must choose alike on every rank, or the ranks would
+    # wait in different collectives.
+    import earlyexit.hf.generate as generate
+
+    clock, noise = generate._clock, random.Random(dist.get_rank())
+    generate._clock = lambda device: clock(device) + noise.random()
+    try:
+        out["exact_noisy_clocks"] = eem.generate(ids, am, max_new_tokens=NEW, mode="exact").sequences
+    finally:
+        generate._clock = clock
     return out
 
 
@@ -158,6 +170,7 @@ def test_exact_mode_equals_generate(runs):
     for r in ranks:
         assert torch.equal(r["generate"], reference), "transformers' TP generate differs from one process"
         assert torch.equal(r["exact"], reference)
+        assert torch.equal(r["exact_noisy_clocks"], reference)
 
 
 def test_exit_mode_identical_on_every_rank(runs):

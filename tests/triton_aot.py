@@ -44,7 +44,7 @@ _PTR = {
     "PART_I": "i32",
     "COUNTER": "i32",
 }
-_FLOAT_ARGS = ("eps", "temperature")
+_FLOAT_ARGS = ("eps", "temperature", "norm_offset", "softcap")
 # What the JIT specializes at run time for a real head (d, V, strides multiples of 16; torch's
 # allocations are 256-byte aligned): compile with the same facts so the PTX matches a real launch.
 _DIVISIBLE = set(_PTR) | {"H", "W", "BIAS", "NORM_W", "D", "V", "stride_h", "stride_w"}
@@ -61,6 +61,7 @@ def compile_exit_check(dtype, n_rows, arch, d=4096, v=128256):
         STATS_ONLY=False,
         HAS_NORM=True,
         HAS_BIAS=True,
+        HAS_SOFTCAP=False,
         UPCAST_DOT=False,
         DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
         BLOCK_N=cfg["BLOCK_N"],

@@ -19,6 +19,8 @@ Bytes moved per call (the floor at decode batch sizes): V*d*elt for the weight, 
 N*d*elt for the hidden rows, re-read from L2 for every vocabulary tile; O(N * splits) for partials.
 """
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -44,6 +46,23 @@ def _merge(m, s, t, top1, idx, top2, bm, bs, bt, b1, bi, b2):
     ni = tl.where(b_wins, bi, idx)
     n2 = tl.where(b_wins, tl.maximum(top1, b2), tl.maximum(top2, b1))
     return new_m, alpha_a * s + alpha_b * bs, t_a + t_b, n1, ni, n2
+
+
+@triton.jit
+def _softcap(z, cap):
+    """Final-logit softcapping of the finite logits, cap * tanh(z / cap); non-finite ones pass unchanged.
+
+    tanh from one exp (the interpreter has no libdevice): tanh|y| = (1 - e) / (1 + e), e = exp(-2|y|),
+    and its odd series below |y| = 1/16, where 1 - e would cancel.
+    """
+    y = z / cap
+    a = tl.abs(y)
+    e = tl.exp(-2.0 * a)
+    y2 = a * a
+    th = tl.where(a < 0.0625, a * (1.0 - y2 * (1.0 / 3.0 - y2 * (2.0 / 15.0))), (1.0 - e) / (1.0 + e))
+    th = tl.where(y < 0, -th, th)
+    finite = (z == z) & (tl.abs(z) < float("inf"))
+    return tl.where(finite, cap * th, z)
 
 
 @triton.jit
@@ -188,11 +207,14 @@ def exit_check_kernel(
     n_splits,
     eps,
     temperature,
+    norm_offset,  # the RMSNorm scale is norm_offset + norm_weight (Gemma: 1)
+    softcap,  # final-logit softcapping (HAS_SOFTCAP)
     STATISTIC: tl.constexpr,  # the measure's statistic code (earlyexit.ops.measures.STATISTICS)
     EXIT_ABOVE: tl.constexpr,  # exit when the statistic is >= the threshold (else <=)
     STATS_ONLY: tl.constexpr,  # write the slice's statistics, not the exit decision
     HAS_NORM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -234,7 +256,7 @@ def exit_check_kernel(
             x = tl.load(h_rows + (k + offs_d)[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             if HAS_NORM:
                 g = tl.load(NORM_W + k + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-                x = x.to(tl.float32) * inv_rms[:, None] * g[None, :]
+                x = x.to(tl.float32) * inv_rms[:, None] * (norm_offset + g[None, :])
             x = x.to(W.dtype.element_ty)  # the MMA operand, rounded as the reference rounds it
             w = tl.load(w_rows + (k + offs_d)[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             if UPCAST_DOT:
@@ -245,6 +267,8 @@ def exit_check_kernel(
         z = acc
         if HAS_BIAS:
             z += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_SOFTCAP:
+            z = _softcap(z, softcap)
         z = z / temperature
         z = tl.where(col_ok[None, :], z, float("-inf"))
         bad += tl.sum(tl.where((z != z) | (z == float("inf")), 1.0, 0.0), axis=1)
@@ -377,44 +401,40 @@ def exit_check_config(n, d, v, dtype, device, interpret):
     )
 
 
-def exit_check_triton(
-    hidden, weight, threshold, norm_weight, bias, statistic, exit_above, norm_eps, temperature, out, interpret
-):
+class HeadArgs(NamedTuple):
+    """The head besides its weight, validated: norm_weight [d] / bias [V] contiguous or None, norm_eps >= 0,
+    norm_offset (the RMSNorm scale is norm_offset + norm_weight), softcap (0: none), temperature > 0."""
+
+    norm_weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    norm_eps: float
+    norm_offset: float
+    softcap: float
+    temperature: float
+
+
+def exit_check_triton(hidden, weight, threshold, head, statistic, exit_above, out, interpret):
     """Launch the fused exit check on validated inputs, writing into ``out``.
 
     hidden: [N, d] with unit column stride; weight: [V, d] with unit column stride, same dtype;
-    threshold: [N] float32 contiguous; norm_weight: [d] contiguous or None; bias: [V] contiguous or None;
+    threshold: [N] float32 contiguous; head: :class:`HeadArgs`;
     statistic, exit_above: the measure (its statistic code and exit direction, earlyexit.ops.measures);
     out: (token int64, exit bool, confidence, max_prob, margin, entropy, lse float32), each [N] contiguous.
     """
-    return _launch(
-        hidden, weight, norm_weight, bias, norm_eps, temperature, interpret, out, None, threshold, statistic, exit_above
-    )
+    return _launch(hidden, weight, head, interpret, out, None, threshold, statistic, exit_above)
 
 
-def exit_stats_triton(hidden, weight, norm_weight, bias, norm_eps, temperature, out, interpret):
+def exit_stats_triton(hidden, weight, head, out, interpret):
     """Launch the same kernel for the statistics of this vocabulary slice, writing into ``out``.
 
     Inputs as :func:`exit_check_triton`; out: (max_logit float32, argmax int64 local column id, second_logit,
     sum_exp, sum_exp_z float32, invalid bool), each [N] contiguous (earlyexit.ExitStats).
     """
-    return _launch(hidden, weight, norm_weight, bias, norm_eps, temperature, interpret, None, out)
+    return _launch(hidden, weight, head, interpret, None, out)
 
 
-def _launch(
-    hidden,
-    weight,
-    norm_weight,
-    bias,
-    norm_eps,
-    temperature,
-    interpret,
-    out,
-    stats_out,
-    threshold=None,
-    statistic=0,
-    exit_above=True,
-):
+def _launch(hidden, weight, head, interpret, out, stats_out, threshold=None, statistic=0, exit_above=True):
+    norm_weight, bias = head.norm_weight, head.bias
     n, d = hidden.shape
     v = weight.shape[0]
     result = out if stats_out is None else stats_out
@@ -450,13 +470,16 @@ def _launch(
             weight.stride(0),
             cfg["tiles_per_split"],
             cfg["n_splits"],
-            float(norm_eps),
-            float(temperature),
+            float(head.norm_eps),
+            float(head.temperature),
+            float(head.norm_offset),
+            float(head.softcap),
             STATISTIC=statistic,
             EXIT_ABOVE=exit_above,
             STATS_ONLY=threshold is None,
             HAS_NORM=norm_weight is not None,
             HAS_BIAS=bias is not None,
+            HAS_SOFTCAP=head.softcap > 0,
             UPCAST_DOT=upcast,
             DOT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32",
             BLOCK_N=cfg["BLOCK_N"],

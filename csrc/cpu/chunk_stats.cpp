@@ -1,6 +1,7 @@
 // Statistics of a logits chunk: the hot loop of the CPU exit check. See chunk_stats.h.
 #include "cpu/chunk_stats.h"
 
+#include <cmath>
 #include <cstring>
 
 #include "cpu/multiversion.h"
@@ -36,9 +37,33 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
+// head_logit's softcapping, branch-free so that its loop vectorizes: cap * tanh(v / cap) for finite v, with
+// tanh|y| = (1 - e) / (1 + e), e = exp(-2|y|), and tanh's odd series below |y| = 1/16 where 1 - e would
+// cancel. Non-finite v pass unchanged.
+inline float softcap_logit(float v, float cap) {
+  const float y = v / cap;
+  const float a = std::fabs(y);
+  const float e = exp_nonpositive(-2.f * a);
+  const float a2 = a * a;
+  const float series = a * (1.f - a2 * (1.f / 3.f - a2 * (2.f / 15.f)));
+  const float t = a < 0.0625f ? series : (1.f - e) / (1.f + e);
+  return is_finite(v) ? cap * std::copysign(t, y) : v;
+}
+
 }  // namespace
 
-EE_MULTIVERSION RowStats chunk_stats(float* z, int64_t n, const float* bias, float temperature, int64_t col0) {
+EE_MULTIVERSION RowStats chunk_stats(float* z, int64_t n, const float* bias, float softcap, float temperature,
+                                     int64_t col0) {
+  if (softcap > 0.f) {
+    // The bias is folded in first; the passes below then divide by the temperature.
+    // Two loops: a load under `bias ?` is control flow that AVX2 cannot vectorize.
+    if (bias) {
+      for (int64_t j = 0; j < n; ++j) z[j] = softcap_logit(z[j] + bias[j], softcap);
+    } else {
+      for (int64_t j = 0; j < n; ++j) z[j] = softcap_logit(z[j], softcap);
+    }
+    bias = nullptr;
+  }
   float top1[kLanes], top2[kLanes], bad[kLanes];
   for (int l = 0; l < kLanes; ++l) {
     top1[l] = top2[l] = -INFINITY;

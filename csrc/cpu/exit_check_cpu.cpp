@@ -39,13 +39,18 @@ int64_t chunk_columns(int64_t rows) {
 }
 
 // Prologue: x[i] = round_to_weight_dtype(rmsnorm(hidden[i])) as float32, finite[i] = hidden row is finite.
-// N * d work; the normalization matches LlamaRMSNorm (float32 statistics, x * rsqrt(mean(x^2) + eps) * w).
+// N * d work; the normalization matches LlamaRMSNorm (float32 statistics, x * rsqrt(mean(x^2) + eps) * w),
+// with w = norm_offset + norm_weight in float32 (Gemma's 1 + w).
 template <typename scalar_t>
 void normalize_rows(const ExitArgs& a, float* x, uint8_t* finite) {
   const int64_t n = a.hidden.size(0), d = a.hidden.size(1), row_stride = a.hidden.stride(0);
   const scalar_t* h = a.hidden.const_data_ptr<scalar_t>();
+  const c10::NoGradGuard no_grad;  // nw below is a kernel temporary, never part of a graph
   at::Tensor nw;
-  if (a.norm_weight) nw = a.norm_weight->to(at::kFloat).contiguous();
+  if (a.norm_weight) {
+    nw = a.norm_weight->to(at::kFloat).contiguous();
+    if (a.norm_offset != 0) nw = nw + a.norm_offset;  // float32 + float32, as the reference adds them
+  }
   const float* g = a.norm_weight ? nw.const_data_ptr<float>() : nullptr;
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -83,7 +88,7 @@ void row_stats(const ExitArgs& a, const Write& write) {
   const int64_t row_blocks = (n + rows - 1) / rows, chunks = (v + cols - 1) / cols;
   const bool upcast = a.weight.scalar_type() != at::kFloat;
   const bool bias_f32 = a.bias && a.bias->scalar_type() == at::kFloat;
-  const float temperature = static_cast<float>(a.temperature);
+  const float temperature = static_cast<float>(a.temperature), softcap = static_cast<float>(a.softcap);
   std::vector<RowStats> parts(chunks * n);
 
   // Tasks in chunk-major order: consecutive tasks share a weight chunk across row blocks.
@@ -121,7 +126,7 @@ void row_stats(const ExitArgs& a, const Write& write) {
       if (a.bias) b = bias_f32 ? a.bias->const_data_ptr<float>() + v0
                                : bbuf.narrow(0, 0, nc).copy_(a.bias->narrow(0, v0, nc)).const_data_ptr<float>();
       float* zp = z.mutable_data_ptr<float>();
-      for (int64_t i = 0; i < nr; ++i) parts[c * n + r0 + i] = cpu::chunk_stats(zp + i * nc, nc, b, temperature, v0);
+      for (int64_t i = 0; i < nr; ++i) parts[c * n + r0 + i] = cpu::chunk_stats(zp + i * nc, nc, b, softcap, temperature, v0);
     }
   });
 

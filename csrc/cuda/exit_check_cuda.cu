@@ -84,6 +84,8 @@ cuda::Params<T> make_params(const ExitArgs& a) {
   p.v = a.weight.size(0);
   p.eps = static_cast<float>(a.eps);
   p.temperature = static_cast<float>(a.temperature);
+  p.norm_offset = static_cast<float>(a.norm_offset);
+  p.softcap = static_cast<float>(a.softcap);
   return p;
 }
 

@@ -123,6 +123,8 @@ struct Params {
   int n, d;
   int64_t v;
   float eps, temperature;
+  float norm_offset;  // the RMSNorm scale is norm_offset + norm_weight (Gemma: 1)
+  float softcap;      // final-logit softcapping, 0 = none (head_logit)
   int statistic;
   bool exit_above;
 };
@@ -172,7 +174,7 @@ __device__ bool normalize_row_warp(const Params<T>& p, int64_t row, T* dst, int 
   const float inv = 1.f / sqrtf(sumsq / p.d + p.eps);
   for (int k = lane; k < p.d; k += 32) {
     float x = to_float(h[k]);
-    if (p.norm_kind != kNone) x = x * inv * load_any(p.norm_weight, p.norm_kind, k);
+    if (p.norm_kind != kNone) x = x * inv * (p.norm_offset + load_any(p.norm_weight, p.norm_kind, k));
     dst[k] = from_float<T>(x);
   }
   return ok;
@@ -294,7 +296,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     if (lane < nrows) {
       if (p.bias_kind != kNone) mine += load_any(p.bias, p.bias_kind, col);
-      push_logit(st, mine / p.temperature, col);
+      push_logit(st, head_logit(mine, p.softcap, p.temperature), col);
     }
   }
 
@@ -332,7 +334,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t j = threadIdx.x; j < nc; j += kThreads) {
     float x = zr[j];
     if (p.bias_kind != kNone) x += load_any(p.bias, p.bias_kind, v0 + j);
-    push_logit(st, x / p.temperature, v0 + j);
+    push_logit(st, head_logit(x, p.softcap, p.temperature), v0 + j);
   }
   red[threadIdx.x] = st;
   tree_merge(red, 0, threadIdx.x, kThreads);

@@ -102,7 +102,7 @@ __device__ void stage_rows(const Params<T>& p, T* xs, int ks, int c0, int kc, co
         float g[8];
         load_any_n(p.norm_weight, p.norm_kind, k, g);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) o[e] = from_float<T>(to_float(h[e]) * inv_rms[r] * g[e]);
+        for (int e = 0; e < 8; ++e) o[e] = from_float<T>(to_float(h[e]) * inv_rms[r] * (p.norm_offset + g[e]));
       }
     }
     *reinterpret_cast<uint4*>(xs + r * ks + (i % vecs) * 8) = out;
@@ -193,7 +193,7 @@ __device__ __forceinline__ void tile_stats(const Params<T>& p, const float (&acc
           if (col < p.v) {
             float z = acc[mt][nt][2 * h + e];
             if (p.bias_kind != kNone) z += load_any(p.bias, p.bias_kind, col);
-            push_logit(st, z / p.temperature, col);
+            push_logit(st, head_logit(z, p.softcap, p.temperature), col);
           }
         }
       }

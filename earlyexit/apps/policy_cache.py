@@ -66,13 +66,35 @@ def machine_identity(device):
 
 
 def model_identity(model, file=None):
-    """{file, bytes, config}: the weights file (when known) and its size, and a hash of the model's config."""
+    """{file, bytes, config[, files]}: where the model was loaded from and a hash of the model's config.
+
+    file: None, the weights file (a .gguf: its path and size) or a model folder (its path, the total size
+    of its files and ``files``: every file in it, sub-folders included, as ``{relative path: [bytes,
+    mtime_ns]}``; config, weights and tokenizer, so re-saving or changing any of them is another key).
+    """
     config = getattr(model, "config", None)
     text = json.dumps(config.to_dict() if config is not None else None, sort_keys=True, default=str)
     ident = dict(file=None, bytes=None, config=hashlib.sha256(text.encode()).hexdigest()[:16])
-    if file is not None:
+    if file is not None and os.path.isdir(file):
+        files = _folder_files(file)
+        ident.update(file=os.path.abspath(file), bytes=sum(size for size, _ in files.values()), files=files)
+    elif file is not None:
         ident.update(file=os.path.abspath(file), bytes=os.path.getsize(file))
     return ident
+
+
+def _folder_files(folder):
+    """{relative path: [bytes, mtime_ns]} of the files under ``folder`` (hidden ones and links to folders skipped)."""
+    files = {}
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            if name.startswith("."):
+                continue
+            path = os.path.join(root, name)
+            st = os.stat(path)
+            files[os.path.relpath(path, folder).replace(os.sep, "/")] = [st.st_size, st.st_mtime_ns]
+    return files
 
 
 def policy_key(model, device, dtype, **calibration):

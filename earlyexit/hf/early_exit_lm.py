@@ -1,4 +1,4 @@
-"""``EarlyExitLM``: drop-in early-exit generation for a HuggingFace Llama-family causal LM.
+"""``EarlyExitLM``: drop-in early-exit generation for a HuggingFace decoder-only causal LM.
 
 Exit heads
 ----------
@@ -13,6 +13,7 @@ fused :func:`earlyexit.exit_check`. ``heads`` adds a per-exit adapter in front o
   hidden state (the adapter reads the exit head, not the deeper layers).
 """
 
+import math
 import numbers
 from collections.abc import Mapping, Sequence
 
@@ -44,13 +45,29 @@ def _check_exit_layers(exit_layers, num_layers):
     return [int(k) for k in exit_layers]
 
 
-def _check_thresholds(threshold, n):
-    if isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
-        return [float(threshold)] * n
-    values = threshold.tolist() if isinstance(threshold, torch.Tensor) else threshold
-    if not isinstance(values, Sequence) or len(values) != n:
-        raise ValueError(f"threshold: expected a float or {n} floats (one per exit layer), got {threshold!r}")
-    return [float(t) for t in values]
+def _check_thresholds(threshold, n, measure):
+    """One float per exit layer. NaN is refused, and so is the infinity that would always exit; the other
+    one (+inf for a ">=" measure, -inf for "entropy") is allowed: that layer never exits (calibration
+    writes it for layers it does not use)."""
+    if isinstance(threshold, numbers.Real) and not isinstance(threshold, bool):
+        values = [float(threshold)] * n
+    else:
+        values = threshold.tolist() if isinstance(threshold, torch.Tensor) else threshold
+        if not isinstance(values, Sequence) or isinstance(values, str) or len(values) != n:
+            raise ValueError(f"threshold: expected a float or {n} floats (one per exit layer), got {threshold!r}")
+        try:
+            if any(isinstance(t, (bool, str)) for t in values):
+                raise TypeError
+            values = [float(t) for t in values]
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"threshold: expected real numbers, got {threshold!r}") from None
+    never = math.inf if get_measure(measure).exit_above else -math.inf
+    for t in values:
+        if math.isnan(t) or (math.isinf(t) and t != never):
+            raise ValueError(
+                f"threshold: expected finite numbers ({never} allowed: never exits under {measure!r}), got {t!r}"
+            )
+    return values
 
 
 def _check_heads(heads, exit_layers):
@@ -70,16 +87,17 @@ def _check_heads(heads, exit_layers):
 
 
 class EarlyExitLM:
-    """Wrap a transformers Llama-family causal LM (Llama, Mistral, Qwen2, Qwen3) for early-exit generation.
+    """Wrap a transformers causal LM (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, Granite, OLMo 2) for early exits.
 
     The model's weights are used in place, never copied or changed.
 
     Args:
-        model: ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` or ``Qwen3ForCausalLM``
-            (sdpa or eager attention).
+        model: a ``*ForCausalLM`` of a family in :data:`earlyexit.hf.families.FAMILIES` (sdpa or eager
+            attention; Gemma 2: eager, as transformers runs it).
         exit_layers: sorted layer counts; k means "exit check after the first k decoder layers",
             1 <= k < L (for a 30-layer model, e.g. [7, 14, 21]).
-        threshold: one float, or one per exit layer.
+        threshold: one float, or one per exit layer; finite, or the infinity that never exits (+inf for
+            "max_prob"/"margin", -inf for "entropy"); NaN raises.
         measure: "max_prob" (exit when >= threshold), "margin" (>=) or "entropy" (<=).
         heads: per-exit adapters before the shared exit head (see the module docstring).
 
@@ -100,7 +118,8 @@ class EarlyExitLM:
 
     Raises:
         ValueError: unsupported architecture (the message lists the supported ones), exit layers out
-            of range, unsorted or duplicated, wrong threshold/heads counts, unknown measure.
+            of range, unsorted or duplicated, wrong threshold/heads counts, a NaN (or always-exiting
+            infinite) threshold, unknown measure.
     """
 
     def __init__(self, model, exit_layers, *, threshold=0.9, measure="max_prob", heads=None):
@@ -109,7 +128,7 @@ class EarlyExitLM:
         self.exit_layers = _check_exit_layers(exit_layers, self.adapter.num_layers)
         get_measure(measure)  # ValueError naming the argument
         self.measure = measure
-        self.thresholds = _check_thresholds(threshold, len(self.exit_layers))
+        self.thresholds = _check_thresholds(threshold, len(self.exit_layers), measure)
         self.heads = _check_heads(heads, self.exit_layers)
         self.draft = "auto"
         self.draft_tokens = 4
@@ -132,7 +151,7 @@ class EarlyExitLM:
         """
         off = isinstance(exit_layers, Sequence) and len(exit_layers) == 0
         layers = [] if off else _check_exit_layers(exit_layers, self.num_layers)
-        thresholds = _check_thresholds(thresholds, len(layers))
+        thresholds = _check_thresholds(thresholds, len(layers), self.measure)
         heads = dict(zip(self.exit_layers, self.heads))
         self.exit_layers, self.thresholds, self.heads = layers, thresholds, [heads.get(k) for k in layers]
 
@@ -172,18 +191,27 @@ class EarlyExitLM:
             raise ValueError(f"draft: max_tokens must be an int >= 1 when drafting, got {d.max_tokens!r}")
         return FixedDraft(d)
 
+    def _vocab_size(self):
+        """V, the rows of the input embedding: token ids are in [0, V)."""
+        return int(self.model.get_input_embeddings().num_embeddings)
+
     def _special_tokens(self, eos_token_id):
-        """(eos tensor or None, pad id): like model.generate, defaults from the model's generation config."""
+        """(eos tensor or None, pad id): like model.generate, defaults from the model's generation config.
+
+        An explicit empty list means no end of sequence (not the generation config's): rows run for
+        max_new_tokens. Each id must be an int in [0, V).
+        """
         gen = getattr(self.model, "generation_config", None)
-        if eos_token_id is None:
+        explicit = eos_token_id is not None
+        if not explicit:
             eos_token_id = getattr(gen, "eos_token_id", None)
-        eos = None
-        if eos_token_id is not None:
-            ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-            eos = torch.tensor(ids, dtype=torch.int64, device=self.adapter.device)
+        ids = _eos_ids(
+            eos_token_id, self._vocab_size(), "eos_token_id" if explicit else "generation_config.eos_token_id"
+        )
+        eos = torch.tensor(ids, dtype=torch.int64, device=self.adapter.device) if ids else None
         pad = getattr(gen, "pad_token_id", None)
         if pad is None:
-            pad = int(eos[0]) if eos is not None else 0
+            pad = ids[0] if ids else 0
         return eos, pad
 
     def generate(
@@ -207,7 +235,8 @@ class EarlyExitLM:
             mode: "exit" (each row exits on its own; compute is saved, output may differ from full
                 depth) or "exact" (self-speculative: drafts with exits, verified at full depth; equals
                 ``model.generate`` greedy token for token, or follows its distribution when sampling).
-            eos_token_id: int or list; None uses the model's generation config. Rows stop there.
+            eos_token_id: int or list of ints in [0, V); None uses the model's generation config; ``[]``
+                means no end of sequence (even when the generation config has one). Rows stop there.
             do_sample, temperature, top_p: sampling as in ``model.generate`` (greedy by default).
 
         Returns:
@@ -215,12 +244,20 @@ class EarlyExitLM:
             ``exit_layer`` int64 [B, n], ``stats`` dict and ``cache``.
 
         Raises:
-            ValueError: bad shapes or arguments (input_ids/attention_mask mismatch, unknown mode, ...).
+            ValueError: bad shapes or arguments (input_ids/attention_mask mismatch, token ids of
+                input_ids or eos_token_id outside the vocabulary [0, V), unknown mode, ...).
         """
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids: expected an int64 tensor [B, T] with T >= 1, got {_describe(input_ids)}")
         if input_ids.dtype != torch.int64:
             raise ValueError(f"input_ids: expected dtype torch.int64, got {input_ids.dtype}")
+        V = self._vocab_size()
+        lo, hi = torch.stack(torch.aminmax(input_ids)).tolist() if input_ids.numel() else (0, 0)  # one host sync
+        if lo < 0 or hi >= V:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"input_ids: token ids must be in [0, {V}) (the model's vocabulary size is {V}), got {bad}"
+            )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         elif not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
@@ -251,6 +288,23 @@ class EarlyExitLM:
             policy=self._draft_policy() if mode == "exact" else None,
             progress=self.progress,
         )
+
+
+def _eos_ids(eos_token_id, V, name):
+    """``eos_token_id`` (None, an int or a sequence of ints) as a list of ids in [0, V); ValueError naming it."""
+    if eos_token_id is None:
+        return []
+    if isinstance(eos_token_id, torch.Tensor):
+        eos_token_id = eos_token_id.tolist()
+    single = isinstance(eos_token_id, numbers.Integral) and not isinstance(eos_token_id, bool)
+    ids = [eos_token_id] if single else eos_token_id
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, (Sequence, set, frozenset)):
+        raise ValueError(f"{name}: expected an int or a list of ints in [0, {V}), got {eos_token_id!r}")
+    ids = list(ids)
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < V:
+            raise ValueError(f"{name}: expected token ids in [0, {V}) (the model's vocabulary size is {V}), got {t!r}")
+    return [int(t) for t in ids]
 
 
 def _describe(x):

@@ -67,12 +67,12 @@ class _Rows:
     """Inputs of the rows that run, compacted, plus what state propagation needs for all rows."""
 
     hidden: torch.Tensor  # [K, q, d]
-    cos: torch.Tensor  # [K, q, head_dim]
+    cos: torch.Tensor  # [K, q, R]: adapter.rotary tables (every layer type's, concatenated, for Gemma 3)
     sin: torch.Tensor
     pos: torch.Tensor  # [K, q]
     masks: list  # one [K, 1, q, S] per distinct window, in the order of `windows`
     rows: torch.Tensor  # int64 [K]: original batch rows
-    cos_all: torch.Tensor  # [B, q, head_dim]
+    cos_all: torch.Tensor  # [B, q, R]
     sin_all: torch.Tensor
 
 

@@ -204,6 +204,16 @@ def _clock(device):
     return time.perf_counter()
 
 
+def _agreed_seconds(group, *seconds):
+    """Round timings as the draft policy sees them: with a vocabulary-sharded head (``group``, tensor
+    parallelism) the max over the ranks, so that every rank makes the same choices in lock step."""
+    if group is None:
+        return seconds
+    from earlyexit.distributed import max_over_ranks
+
+    return tuple(max_over_ranks(seconds, group))
+
+
 def _draft(adapter, spec, run, running, choice):
     """Draft steps of one round at ``choice.depth``.
 
@@ -251,13 +261,14 @@ def generate_exact(adapter, spec, input_ids, attention_mask, max_new_tokens, eos
     run = _Run(adapter, input_ids, attention_mask, max_new_tokens, eos, pad, progress, first=(chooser, fused))
     num_layers, batch, device = adapter.num_layers, input_ids.shape[0], input_ids.device
     c = run.counters
+    group = adapter.exit_head.get("group")
     while not run.finished:
         running = run.unfinished.clone()
         choice = policy.choose(run.remaining() - 1)
         t0 = _clock(device)
         if choice.depth is None:
             tok = plain_step(adapter, run.cache, run.pending, run.attention_mask, running, chooser, c, fused)
-            policy.observe_plain(_clock(device) - t0)
+            policy.observe_plain(*_agreed_seconds(group, _clock(device) - t0))
             run.rounds.append((None, 0))
             run.emit(tok[:, None], torch.full((batch, 1), num_layers, dtype=torch.int64, device=device))
             run.advance(tok[:, None])
@@ -271,7 +282,8 @@ def generate_exact(adapter, spec, input_ids, attention_mask, max_new_tokens, eos
         )
         accepted, target = _accept(chooser, adapter, hidden, block[rows, 1:], fused)
         kept = accepted.tolist()
-        policy.observe_round(choice.depth, confidences, n, kept, t1 - t0, _clock(device) - t1)
+        draft_s, verify_s = _agreed_seconds(group, t1 - t0, _clock(device) - t1)
+        policy.observe_round(choice.depth, confidences, n, kept, draft_s, verify_s)
         run.rounds.append((choice, n))
         c.verify_passes += 1
         c.drafted += n * rows.shape[0]

@@ -27,8 +27,8 @@ def _probe_triton():
 #: What the Python side calls in the extension: an older build (an editable install whose csrc changed
 #: since) lacks some of it, and is then reported as out of date rather than crashing at the first call.
 _EXTENSION_OPS = {
-    "exit_check": "int statistic",
-    "exit_stats": "",
+    "exit_check": "float softcap",
+    "exit_stats": "float softcap",
     "compact": "",
     "partition_rows": "",
     "scatter_rows": "",

@@ -11,7 +11,7 @@ traces callers without graph breaks and treats the kernel as opaque. With a voca
 import torch
 
 from earlyexit.ops import backends
-from earlyexit.ops.exit_stats import exit_stats, finalize_exit_stats, threshold_rows, validate_head
+from earlyexit.ops.exit_stats import exit_stats, finalize_exit_stats, scalar_args, threshold_rows, validate_head
 from earlyexit.ops.exit_types import ExitResult
 from earlyexit.ops.extension import run_extension
 from earlyexit.ops.measures import get_measure
@@ -31,14 +31,14 @@ def _empty_outputs(n, device):
     )
 
 
-def _run_triton(hidden, weight, threshold, norm_weight, bias, measure, norm_eps, temperature):
-    from earlyexit.triton_kernels.exit_check import exit_check_triton
+def _run_triton(hidden, weight, threshold, norm_weight, bias, measure, norm_eps, temperature, norm_offset, softcap):
+    from earlyexit.triton_kernels.exit_check import HeadArgs, exit_check_triton
 
     spec = get_measure(measure)
     out = _empty_outputs(hidden.shape[0], hidden.device)
-    interpret = hidden.device.type == "cpu"
+    head = HeadArgs(norm_weight, bias, norm_eps, norm_offset, softcap, temperature)
     return exit_check_triton(
-        hidden, weight, threshold, norm_weight, bias, spec.code, spec.exit_above, norm_eps, temperature, out, interpret
+        hidden, weight, threshold, head, spec.code, spec.exit_above, out, hidden.device.type == "cpu"
     )
 
 
@@ -60,18 +60,23 @@ def exit_check_op(
     measure: str,
     norm_eps: float,
     temperature: float,
+    norm_offset: float,
+    softcap: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Registered op on validated 2-D inputs: hidden [N, d], weight [V, d], threshold [N] float32.
 
-    ``backend`` must be concrete ("torch", "triton", "cpu", "cuda"). Returns the seven
-    :class:`ExitResult` fields as [N] tensors.
+    ``softcap`` 0.0 means no softcapping. ``backend`` must be concrete ("torch", "triton", "cpu",
+    "cuda"). Returns the seven :class:`ExitResult` fields as [N] tensors.
     """
-    return tuple(_IMPLS[backend](hidden, weight, threshold, norm_weight, bias, measure, norm_eps, temperature))
+    args = (hidden, weight, threshold, norm_weight, bias, measure, norm_eps, temperature, norm_offset, softcap)
+    return tuple(_IMPLS[backend](*args))
 
 
 @exit_check_op.register_fake
-def _exit_check_fake(hidden, weight, threshold, norm_weight, bias, measure, norm_eps, temperature, backend):
+def _exit_check_fake(
+    hidden, weight, threshold, norm_weight, bias, measure, norm_eps, temperature, norm_offset, softcap, backend
+):
     return _empty_outputs(hidden.shape[0], hidden.device)
 
 
@@ -83,7 +88,9 @@ def exit_check(
     measure="max_prob",
     norm_weight=None,
     norm_eps=1e-6,
+    norm_offset=0.0,
     bias=None,
+    softcap=None,
     temperature=1.0,
     backend="auto",
     group=None,
@@ -92,9 +99,10 @@ def exit_check(
 ):
     """Fused exit check: exit head logits, softmax confidence and threshold, without [N, V] logits.
 
-    Computes z = (rmsnorm(hidden) @ weight.T + bias) / temperature per row (RMSNorm only when
-    ``norm_weight`` is given, statistics in float32 as LlamaRMSNorm), accumulated in float32, and
-    its softmax statistics.
+    Computes z = cap(rmsnorm(hidden) @ weight.T + bias) / temperature per row (RMSNorm only when
+    ``norm_weight`` is given, statistics in float32 as LlamaRMSNorm; cap only with ``softcap``),
+    accumulated in float32, and its softmax statistics (:func:`earlyexit.ops.reference.head_logits`
+    is the same in plain torch).
 
     Args:
         hidden: [..., d] float32/float16/bfloat16; rows may be strided.
@@ -104,8 +112,13 @@ def exit_check(
             or "entropy" (entropy <= threshold, nats).
         norm_weight: [d] RMSNorm weight applied inside the kernel, or None.
         norm_eps: RMSNorm epsilon.
+        norm_offset: finite float added to norm_weight in float32: the RMSNorm scale is
+            (norm_offset + norm_weight); Gemma's norms use 1 + w (norm_offset=1.0). Needs norm_weight.
         bias: [V] or None; -inf entries mask vocabulary columns.
-        temperature: > 0, divides the logits.
+        softcap: None, or a finite float > 0: final-logit softcapping z <- softcap * tanh(z / softcap)
+            of the finite logits, before the temperature (Gemma 2's final_logit_softcapping).
+        temperature: > 0, divides the logits. Granite's ``logits_scaling`` (logits / s) is
+            ``temperature=s``.
         backend: "auto", "torch" (reference), "triton", "cpu" or "cuda" (C++ extension).
         group: a torch.distributed ProcessGroup over which the head is sharded by vocabulary: ``weight`` and
             ``bias`` are this rank's shard (possibly empty), ``hidden`` is the same on every rank. One
@@ -122,7 +135,9 @@ def exit_check(
         RuntimeError: the requested backend cannot run here (the message says why).
     """
     sharded = group is not None or vocab_start is not None or vocab_size is not None
-    validate_head(hidden, weight, norm_weight, norm_eps, bias, temperature, allow_empty_vocab=sharded)
+    validate_head(
+        hidden, weight, norm_weight, norm_eps, bias, temperature, norm_offset, softcap, allow_empty_vocab=sharded
+    )
     get_measure(measure)  # ValueError naming the argument
     lead = tuple(hidden.shape[:-1])
     thr = threshold_rows(threshold, lead, hidden.device)
@@ -132,7 +147,9 @@ def exit_check(
             weight,
             norm_weight=norm_weight,
             norm_eps=norm_eps,
+            norm_offset=norm_offset,
             bias=bias,
+            softcap=softcap,
             temperature=temperature,
             vocab_start=vocab_start,
             vocab_size=vocab_size,
@@ -149,5 +166,7 @@ def exit_check(
         norm_weight = norm_weight.contiguous()
     if bias is not None:
         bias = bias.contiguous()
-    out = exit_check_op(rows, weight, thr, norm_weight, bias, measure, float(norm_eps), float(temperature), impl)
+    out = exit_check_op(
+        rows, weight, thr, norm_weight, bias, measure, *scalar_args(norm_eps, temperature, norm_offset, softcap), impl
+    )
     return ExitResult(*(o.reshape(lead) for o in out))

@@ -19,11 +19,12 @@ from earlyexit.ops.measures import get_measure
 from earlyexit.ops.reference import NO_TOKEN, empty_stats, exit_stats_reference, finalize_stats, merge_stats
 
 
-def _run_triton_stats(hidden, weight, norm_weight, bias, norm_eps, temperature):
-    from earlyexit.triton_kernels.exit_check import exit_stats_triton
+def _run_triton_stats(hidden, weight, norm_weight, bias, norm_eps, temperature, norm_offset, softcap):
+    from earlyexit.triton_kernels.exit_check import HeadArgs, exit_stats_triton
 
     out = _empty_stats_outputs(hidden.shape[0], hidden.device)
-    return exit_stats_triton(hidden, weight, norm_weight, bias, norm_eps, temperature, out, hidden.device.type == "cpu")
+    head = HeadArgs(norm_weight, bias, norm_eps, norm_offset, softcap, temperature)
+    return exit_stats_triton(hidden, weight, head, out, hidden.device.type == "cpu")
 
 
 _STATS_IMPLS = {
@@ -54,17 +55,21 @@ def exit_stats_op(
     bias: torch.Tensor | None,
     norm_eps: float,
     temperature: float,
+    norm_offset: float,
+    softcap: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Registered op on validated 2-D inputs: hidden [N, d], weight [V, d] with V >= 1 (local column ids).
 
-    ``backend`` must be concrete. Returns the six :class:`ExitStats` fields as [N] tensors.
+    ``softcap`` 0.0 means none. ``backend`` must be concrete. Returns the six :class:`ExitStats` fields
+    as [N] tensors.
     """
-    return tuple(_STATS_IMPLS[backend](hidden, weight, norm_weight, bias, norm_eps, temperature))
+    args = (hidden, weight, norm_weight, bias, norm_eps, temperature, norm_offset, softcap)
+    return tuple(_STATS_IMPLS[backend](*args))
 
 
 @exit_stats_op.register_fake
-def _exit_stats_fake(hidden, weight, norm_weight, bias, norm_eps, temperature, backend):
+def _exit_stats_fake(hidden, weight, norm_weight, bias, norm_eps, temperature, norm_offset, softcap, backend):
     return _empty_stats_outputs(hidden.shape[0], hidden.device)
 
 
@@ -73,7 +78,9 @@ def _check_number(name, value, ok, expected):
         raise ValueError(f"{name}: expected {expected}, got {value!r}")
 
 
-def validate_head(hidden, weight, norm_weight, norm_eps, bias, temperature, *, allow_empty_vocab):
+def validate_head(
+    hidden, weight, norm_weight, norm_eps, bias, temperature, norm_offset=0.0, softcap=None, *, allow_empty_vocab
+):
     """Argument checks shared by the exit-check ops; each ValueError names the argument."""
     check_tensor("hidden", hidden)
     check_tensor("weight", weight)
@@ -109,6 +116,17 @@ def validate_head(hidden, weight, norm_weight, norm_eps, bias, temperature, *, a
         check_same_device("hidden", hidden, norm_weight=norm_weight)
     _check_number("temperature", temperature, lambda t: t > 0 and math.isfinite(t), "a finite float > 0")
     _check_number("norm_eps", norm_eps, lambda e: e >= 0, "a float >= 0")
+    _check_number("norm_offset", norm_offset, math.isfinite, "a finite float")
+    if norm_offset != 0 and norm_weight is None:
+        raise ValueError(f"norm_offset: {norm_offset!r} needs norm_weight (the scale is norm_offset + norm_weight)")
+    if softcap is not None:
+        _check_number("softcap", softcap, lambda c: c > 0 and math.isfinite(c), "None or a finite float > 0")
+
+
+def scalar_args(norm_eps, temperature, norm_offset, softcap):
+    """The scalar arguments of the registered ops, as floats: (norm_eps, temperature, norm_offset, softcap),
+    with softcap None encoded as 0.0 (the kernels' "no softcapping")."""
+    return float(norm_eps), float(temperature), float(norm_offset), 0.0 if softcap is None else float(softcap)
 
 
 def threshold_rows(threshold, lead, device):
@@ -128,6 +146,8 @@ def threshold_rows(threshold, lead, device):
         return threshold.to(device=device, dtype=torch.float32).expand(lead).reshape(n).contiguous()
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
         raise ValueError(f"threshold: expected a float or a tensor, got {type(threshold).__name__}")
+    if threshold != threshold:  # NaN; not math.isnan, which torch.compile cannot trace on a symbolic float
+        raise ValueError("threshold: expected a number, got NaN (no row could ever be compared with it)")
     return torch.full((n,), float(threshold), dtype=torch.float32, device=device)
 
 
@@ -148,7 +168,9 @@ def exit_stats(
     *,
     norm_weight=None,
     norm_eps=1e-6,
+    norm_offset=0.0,
     bias=None,
+    softcap=None,
     temperature=1.0,
     vocab_start=None,
     vocab_size=None,
@@ -157,13 +179,13 @@ def exit_stats(
 ):
     """Softmax statistics of one vocabulary slice of the exit head, without [N, V] logits.
 
-    The logits are those of :func:`earlyexit.exit_check` (RMSNorm, head GEMM, bias, temperature) for the
-    global vocabulary columns [vocab_start, vocab_start + weight.shape[0]).
+    The logits are those of :func:`earlyexit.exit_check` (RMSNorm, head GEMM, bias, softcap, temperature)
+    for the global vocabulary columns [vocab_start, vocab_start + weight.shape[0]).
 
     Args:
         hidden: [..., d] float32/float16/bfloat16; rows may be strided.
         weight: [V_local, d] same dtype: this slice of the head; V_local may be 0 (an empty slice).
-        norm_weight, norm_eps, bias, temperature, backend: as in :func:`earlyexit.exit_check`
+        norm_weight, norm_eps, norm_offset, bias, softcap, temperature, backend: as in :func:`earlyexit.exit_check`
             (``bias`` is this slice's [V_local]).
         vocab_start: global id of the slice's first column (default 0; with ``group``,
             rank * weight.shape[0], the equal-shard layout).
@@ -177,7 +199,9 @@ def exit_stats(
         :class:`ExitStats`, each field shaped ``hidden.shape[:-1]``. An empty slice gives the neutral
         element of :func:`merge_exit_stats`.
     """
-    validate_head(hidden, weight, norm_weight, norm_eps, bias, temperature, allow_empty_vocab=True)
+    validate_head(
+        hidden, weight, norm_weight, norm_eps, bias, temperature, norm_offset, softcap, allow_empty_vocab=True
+    )
     if group is not None:
         from earlyexit import distributed  # lazily: plain exit checks never load torch.distributed
 
@@ -197,7 +221,8 @@ def exit_stats(
         weight = weight[:local]
         bias = bias[:local].contiguous() if bias is not None else None
         norm_weight = norm_weight.contiguous() if norm_weight is not None else None
-        stats = exit_stats_op(rows, weight, norm_weight, bias, float(norm_eps), float(temperature), impl)
+        scalars = scalar_args(norm_eps, temperature, norm_offset, softcap)
+        stats = exit_stats_op(rows, weight, norm_weight, bias, *scalars, impl)
         # Global ids; an invalid row's argmax means nothing (a kernel may leave its sentinel there): -1.
         argmax = torch.where(stats[5], torch.full_like(stats[1], NO_TOKEN), stats[1] + start)
         stats = (stats[0], argmax, *stats[2:])

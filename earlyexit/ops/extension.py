@@ -1,12 +1,13 @@
 """Python side of the compiled ops (torch.ops.earlyexit_C, built from csrc/): fakes and the call wrappers.
 
 ``earlyexit_C::exit_check(hidden, weight, threshold, norm_weight, bias, statistic, exit_above, norm_eps,
-temperature)`` takes the validated 2-D arguments of ``earlyexit::exit_check`` (hidden [N, d], weight [V, d],
-threshold [N] float32, norm_weight [d] or None, bias [V] or None) with the measure given as its statistic
-code and exit direction (earlyexit.ops.measures), and returns its seven [N] outputs.
-``earlyexit_C::exit_stats(hidden, weight, norm_weight, bias, norm_eps, temperature)`` returns the six
-:class:`earlyexit.ExitStats` fields of the slice ([N] each; argmax a local column id).
-Their fake implementations live here so that torch.compile and opcheck can trace them without a kernel.
+temperature, norm_offset, softcap)`` takes the validated 2-D arguments of ``earlyexit::exit_check``
+(hidden [N, d], weight [V, d], threshold [N] float32, norm_weight [d] or None, bias [V] or None; softcap
+0.0 for none) with the measure given as its statistic code and exit direction (earlyexit.ops.measures),
+and returns its seven [N] outputs. ``earlyexit_C::exit_stats(hidden, weight, norm_weight, bias, norm_eps,
+temperature, norm_offset, softcap)`` returns the six :class:`earlyexit.ExitStats` fields of the slice
+([N] each; argmax a local column id). Their fake implementations live here so that torch.compile and
+opcheck can trace them without a kernel.
 """
 
 import torch
@@ -18,7 +19,17 @@ if backends.EXTENSION is not None:
 
     @torch.library.register_fake("earlyexit_C::exit_check")
     def _exit_check_ext_fake(
-        hidden, weight, threshold, norm_weight, bias, statistic, exit_above, norm_eps, temperature
+        hidden,
+        weight,
+        threshold,
+        norm_weight,
+        bias,
+        statistic,
+        exit_above,
+        norm_eps,
+        temperature,
+        norm_offset=0.0,
+        softcap=0.0,
     ):
         n = hidden.shape[0]
         f32 = dict(dtype=torch.float32, device=hidden.device)
@@ -29,7 +40,7 @@ if backends.EXTENSION is not None:
         )
 
     @torch.library.register_fake("earlyexit_C::exit_stats")
-    def _exit_stats_ext_fake(hidden, weight, norm_weight, bias, norm_eps, temperature):
+    def _exit_stats_ext_fake(hidden, weight, norm_weight, bias, norm_eps, temperature, norm_offset=0.0, softcap=0.0):
         n = hidden.shape[0]
         f32 = dict(dtype=torch.float32, device=hidden.device)
         return (
@@ -40,16 +51,18 @@ if backends.EXTENSION is not None:
         )
 
 
-def run_extension(hidden, weight, threshold, norm_weight, bias, measure, norm_eps, temperature):
+def run_extension(hidden, weight, threshold, norm_weight, bias, measure, norm_eps, temperature, norm_offset, softcap):
     """Backends "cpu" and "cuda": the compiled exit check for hidden's device. Returns the seven outputs."""
     spec = get_measure(measure)
+    scalars = (norm_eps, temperature, norm_offset, softcap)
     return tuple(
         torch.ops.earlyexit_C.exit_check(
-            hidden, weight, threshold, norm_weight, bias, spec.code, spec.exit_above, norm_eps, temperature
+            hidden, weight, threshold, norm_weight, bias, spec.code, spec.exit_above, *scalars
         )
     )
 
 
-def run_extension_stats(hidden, weight, norm_weight, bias, norm_eps, temperature):
+def run_extension_stats(hidden, weight, norm_weight, bias, norm_eps, temperature, norm_offset, softcap):
     """Backends "cpu" and "cuda": the compiled slice statistics. Returns the six ExitStats fields."""
-    return tuple(torch.ops.earlyexit_C.exit_stats(hidden, weight, norm_weight, bias, norm_eps, temperature))
+    scalars = (norm_eps, temperature, norm_offset, softcap)
+    return tuple(torch.ops.earlyexit_C.exit_stats(hidden, weight, norm_weight, bias, *scalars))

@@ -21,13 +21,44 @@ NO_TOKEN = -1
 _NO_ID = torch.iinfo(torch.int64).max
 
 
-def rms_normalize(hidden, norm_weight, eps):
-    """RMSNorm of float32 rows as LlamaRMSNorm computes it: x * rsqrt(mean(x^2) + eps) * w.
+def rms_normalize(hidden, norm_weight, eps, offset=0.0):
+    """RMSNorm of float32 rows as LlamaRMSNorm computes it: x * rsqrt(mean(x^2) + eps) * (offset + w).
 
-    hidden: [N, d] float32. norm_weight: [d] any float dtype. Returns [N, d] float32.
+    hidden: [N, d] float32. norm_weight: [d] any float dtype. offset: 0 (Llama) or 1 (Gemma's 1 + w),
+    added in float32. Returns [N, d] float32.
     """
     inv = torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
-    return hidden * inv * norm_weight.float()
+    scale = norm_weight.float() if offset == 0 else offset + norm_weight.float()
+    return hidden * inv * scale
+
+
+def cap_logits(z, softcap):
+    """Final-logit softcapping (Gemma 2): finite z -> softcap * tanh(z / softcap); softcap 0: z unchanged.
+
+    Non-finite logits pass unchanged, so a -inf bias still masks its column and a NaN or +inf logit
+    still makes its row invalid. z: float32 [...]. softcap: float >= 0.
+    """
+    if not softcap:
+        return z
+    return torch.where(torch.isfinite(z), softcap * torch.tanh(z / softcap), z)
+
+
+def head_logits(
+    hidden, weight, *, norm_weight=None, norm_eps=1e-6, norm_offset=0.0, bias=None, softcap=0.0, temperature=1.0
+):
+    """The exit head's logits in plain, differentiable torch, in float32: the definition every kernel follows.
+
+    z = cap_logits(rmsnorm(hidden) @ weight.T + bias, softcap) / temperature (RMSNorm with scale
+    norm_offset + norm_weight, only when norm_weight is given). hidden: [N, d]; weight: [V, d];
+    norm_weight [d] / bias [V] or None. Returns [N, V] float32 (materialized: for training and
+    tests; the exit check itself never builds it). The kernels additionally round the normalized
+    row to the weight's dtype before the GEMM (see :func:`exit_stats_reference`).
+    """
+    x = hidden.float()
+    if norm_weight is not None:
+        x = rms_normalize(x, norm_weight, norm_eps, norm_offset)
+    z = torch.nn.functional.linear(x, weight.float(), None if bias is None else bias.float())
+    return cap_logits(z, softcap) / temperature
 
 
 def softmax_stats(z, col0):
@@ -111,17 +142,20 @@ def finalize_stats(stats, threshold, measure):
     return token, spec.exits(confidence, threshold) & valid, confidence.clone(), max_prob, margin, entropy, lse
 
 
-def exit_stats_reference(hidden, weight, norm_weight, bias, norm_eps, temperature, chunk=REFERENCE_CHUNK):
+def exit_stats_reference(
+    hidden, weight, norm_weight, bias, norm_eps, temperature, norm_offset=0.0, softcap=0.0, chunk=REFERENCE_CHUNK
+):
     """Reference exit statistics on validated 2-D inputs (the kernels' rounding points).
 
     hidden: [N, d] float32/float16/bfloat16 (row stride free). weight: [V, d] same dtype, V >= 1 local
-    columns (ids 0..V-1). norm_weight: [d] or None. bias: [V] or None. Returns the six ExitStats fields
-    ([N] each); a row whose hidden state is not finite is invalid. Extra memory O(N * chunk).
+    columns (ids 0..V-1). norm_weight: [d] or None. bias: [V] or None. norm_offset, softcap (0: none):
+    as :func:`head_logits`. Returns the six ExitStats fields ([N] each); a row whose hidden state is
+    not finite is invalid. Extra memory O(N * chunk).
     """
     x = hidden.float()
     hidden_finite = torch.isfinite(x).all(-1)
     if norm_weight is not None:
-        x = rms_normalize(x, norm_weight, norm_eps)
+        x = rms_normalize(x, norm_weight, norm_eps, norm_offset)
     # The kernels feed the normalized row to the MMA in the weight's dtype: round the same way.
     x = x.to(weight.dtype).float()
     stats = None
@@ -129,7 +163,7 @@ def exit_stats_reference(hidden, weight, norm_weight, bias, norm_eps, temperatur
         z = x @ weight[v0 : v0 + chunk].float().T
         if bias is not None:
             z = z + bias[v0 : v0 + chunk].float()
-        z = z / temperature
+        z = cap_logits(z, softcap) / temperature
         part = softmax_stats(z, v0)
         stats = part if stats is None else merge_stats([stats, part])
     if stats is None:
@@ -137,10 +171,12 @@ def exit_stats_reference(hidden, weight, norm_weight, bias, norm_eps, temperatur
     return (*stats[:5], stats[5] | ~hidden_finite)
 
 
-def exit_check_reference(hidden, weight, threshold, norm_weight, bias, measure, norm_eps, temperature):
+def exit_check_reference(
+    hidden, weight, threshold, norm_weight, bias, measure, norm_eps, temperature, norm_offset=0.0, softcap=0.0
+):
     """Reference fused exit check on validated 2-D inputs: threshold [N] float32, the rest as
     :func:`exit_stats_reference`. Returns the seven output tensors of :func:`earlyexit.exit_check`."""
-    stats = exit_stats_reference(hidden, weight, norm_weight, bias, norm_eps, temperature)
+    stats = exit_stats_reference(hidden, weight, norm_weight, bias, norm_eps, temperature, norm_offset, softcap)
     return finalize_stats(stats, threshold, measure)
 
 

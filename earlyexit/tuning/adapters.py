@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import torch
 
-from earlyexit.ops.reference import rms_normalize
+from earlyexit.ops.reference import head_logits
 from earlyexit.tuning.progress import progress_bar
 from earlyexit.tuning.teacher_forcing import collect_states
 from earlyexit.tuning.text_data import token_windows
@@ -165,16 +165,33 @@ def _kl_to_teacher(student_logits, teacher_logp):
     return (teacher_logp.exp() * (teacher_logp - logq)).sum(-1).mean()
 
 
+def _logit_args(head):
+    """The softcap / temperature keywords of :func:`head_logits` for an exit head dict (softcap only when set)."""
+    args = {"temperature": head.get("temperature", 1.0)}
+    if head.get("softcap") is not None:
+        args["softcap"] = head["softcap"]
+    return args
+
+
 def _exit_logits(hidden, adapter, head):
-    x = rms_normalize(adapter(hidden), head["norm_weight"], head["norm_eps"])
-    return torch.nn.functional.linear(x, head["weight"].float(), None if head["bias"] is None else head["bias"].float())
+    """Float32 logits [N, V] of the shared head after ``adapter``: final norm (with its offset), lm_head,
+    softcap and temperature, as the exit check defines them (differentiable in the adapter)."""
+    return head_logits(
+        adapter(hidden),
+        head["weight"],
+        norm_weight=head["norm_weight"],
+        norm_eps=head["norm_eps"],
+        norm_offset=head.get("norm_offset", 0.0),
+        bias=head["bias"],
+        **_logit_args(head),
+    )
 
 
 def _exit_head_fp32(model):
-    from earlyexit.hf.model_adapter import ModelAdapter
+    from earlyexit.hf.model_adapter import exit_head_args
 
     # Detached: the model stays frozen, and no gradient is ever computed for its head.
-    head = {k: (t.detach() if isinstance(t, torch.Tensor) else t) for k, t in ModelAdapter(model).exit_head.items()}
+    head = {k: (t.detach() if isinstance(t, torch.Tensor) else t) for k, t in exit_head_args(model).items()}
     head["norm_weight"] = head["norm_weight"].float()
     return head
 
@@ -193,8 +210,9 @@ def adapter_kl(adapters, model, states, final, *, chunk=1024):
 
 
 def _teacher_logits(final_hidden, head):
-    bias = None if head["bias"] is None else head["bias"].float()
-    return torch.nn.functional.linear(final_hidden, head["weight"].float(), bias)
+    """The full model's float32 logits [N, V] from its lm_head input (after the final norm): lm_head,
+    softcap and temperature (logits_scaling), as the model computes them."""
+    return head_logits(final_hidden, head["weight"], bias=head["bias"], **_logit_args(head))
 
 
 def train_exit_adapters(
@@ -220,7 +238,7 @@ def train_exit_adapters(
     layers of KL(full model || shared head after the adapter) over the whole vocabulary, with AdamW.
 
     Args:
-        model: a transformers Llama-family causal LM.
+        model: a transformers causal LM of a supported family (:data:`earlyexit.hf.model_adapter.SUPPORTED`).
         exit_layers: sorted layer counts k, 1 <= k < L.
         data: list of strings (needs ``tokenizer``) or a LongTensor of token ids.
         steps, lr, batch_size (token positions per step), seq_len, max_tokens: training settings.

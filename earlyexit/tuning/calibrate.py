@@ -131,9 +131,12 @@ def exit_scores_by_measure(eem, states, final, measures=MEASURE_NAMES, chunk=409
     """
     head = eem.adapter.exit_head
     dtype, device = head["weight"].dtype, head["weight"].device
+    # The full model's tokens from its lm_head input (``final`` is after the final norm): the same head
+    # without the norm, softcap and temperature included (a softcap can tie saturated logits).
+    final_head = {k: v for k, v in head.items() if k not in ("norm_weight", "norm_eps", "norm_offset")}
     full = torch.cat(
         [
-            exit_check(final[i : i + chunk].to(device, dtype), head["weight"], 0.0, bias=head["bias"]).token.cpu()
+            exit_check(final[i : i + chunk].to(device, dtype), threshold=0.0, **final_head).token.cpu()
             for i in range(0, final.shape[0], chunk)
         ]
     )
