@@ -1,16 +1,21 @@
-"""End-to-end decode benchmark: full depth, exit mode and exact mode, side by side in one run.
+"""End-to-end decode benchmark: full depth, exit mode (every exit signal) and exact mode, side by side in one run.
 
 GPU: random-weight Llama models at real sizes built from config classes (about 1B: d=2048, 16
 layers; about 8B: d=4096, 32 layers; V=128256), bf16, batch 1, 8 and 32. One exit check at the
 middle layer, its threshold set from the confidence quantiles measured on the same model so that
-about 0, 25, 50 and 75% of tokens exit there (the realized rate is reported). CPU: SmolLM2-135M
-(float32), the same sweep at batch 1 and 4.
+about 0, 25, 50 and 75% of tokens exit there (the realized rate is reported). The head-free signals
+run beside them: the state measure (cos(h_k, h_(k-1)) at the same layer, its threshold set the same way
+for 50%; the head runs only where a row exits) and a SkipDecode position schedule from L down to that
+layer over the generated tokens (no exit checks at all). CPU: SmolLM2-135M (float32), the same sweep
+at batch 1 and 4.
 
 Reported per row: decode tokens/s and mean step time; the realized step-time saving against
 model.generate (full depth) next to the ideal saving from the layers skipped (exit rate x share of
 layers after the exit); the share of step time spent in exit checks; for exact mode, the
-acceptance rate. "ee-full" is EarlyExitLM with an unreachable threshold: its gap to model.generate
-is the overhead of the early-exit machinery when nothing exits.
+acceptance rate; for every row, the share of generated tokens equal to model.generate's at the same
+position (prompts are random tokens, so after a first difference the continuations usually part).
+"ee-full" is EarlyExitLM with an unreachable threshold: its gap to model.generate is the overhead of
+the early-exit machinery when nothing exits.
 
 Usage: python benchmarks/bench_generate.py [--quick] [--device cuda] [--new-tokens N] [--repeats R] [--out DIR]
 """
@@ -24,7 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_utils import environment, format_table, timed_rounds, write_csv  # noqa: E402
 
-from earlyexit import EarlyExitLM  # noqa: E402
+from earlyexit import EarlyExitLM, SkipDecodeSchedule  # noqa: E402
 from earlyexit.tuning.calibrate import exit_scores  # noqa: E402
 
 RATES = [0.0, 0.25, 0.5, 0.75]
@@ -51,12 +56,13 @@ def random_llama(spec, device, dtype):
     return model.eval()
 
 
-def threshold_for_rate(model, exit_layer, rate, vocab, device):
-    """The max_prob threshold that about ``rate`` of teacher-forced random-text positions pass at ``exit_layer``."""
+def threshold_for_rate(model, exit_layer, rate, vocab, device, measure="max_prob"):
+    """The ``measure`` threshold that about ``rate`` of teacher-forced random-text positions pass at ``exit_layer``."""
     if rate <= 0:
-        return 2.0  # unreachable: nothing exits
+        return 2.0  # unreachable: nothing exits (max_prob and cosine similarity are <= 1)
     ids = torch.randint(1, vocab, (4, 64), generator=torch.Generator().manual_seed(1))
-    scores = exit_scores(EarlyExitLM(model, [exit_layer]), ids, seq_len=64, progress=False).scores[0]
+    eem = EarlyExitLM(model, [exit_layer], measure=measure)
+    scores = exit_scores(eem, ids, seq_len=64, progress=False).scores[0]
     return torch.quantile(scores[torch.isfinite(scores)], 1 - rate).item()
 
 
@@ -66,6 +72,8 @@ def bench_model(name, model, device, batches, rates, new_tokens, repeats, prompt
     exit_layer = layers // 2
     vocab = model.config.vocab_size
     thresholds = {r: threshold_for_rate(model, exit_layer, r, vocab, device) for r in rates}
+    state_threshold = threshold_for_rate(model, exit_layer, 0.5, vocab, device, measure="state")
+    schedule = SkipDecodeSchedule(layers, exit_layer, horizon=new_tokens - 1)
     for batch in batches:
         ids = torch.randint(1, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(batch)).to(device)
         runners = {
@@ -77,13 +85,23 @@ def bench_model(name, model, device, batches, rates, new_tokens, repeats, prompt
             (f"exit@{r:.0%}", thresholds[r], "exit", r) for r in rates if r > 0
         ]
         configs += [(f"exact@{r:.0%}", thresholds[r], "exact", r) for r in rates if r > 0][-1:]
+        configs += [
+            ("state@50%", state_threshold, "exit", 0.5),
+            (f"schedule {layers}->{exit_layer}", None, "exit", None),
+        ]
         for label, thr, mode, _ in configs:
-            eem = EarlyExitLM(model, [exit_layer], threshold=thr)
+            if label.startswith("schedule"):
+                eem = EarlyExitLM(model, schedule=schedule)
+            else:
+                eem = EarlyExitLM(
+                    model, [exit_layer], threshold=thr, measure="state" if label.startswith("state") else "max_prob"
+                )
             # eos -1 never occurs: every row decodes exactly new_tokens tokens, as model.generate with min_new_tokens.
             runners[label] = lambda eem=eem, mode=mode, ids=ids: eem.generate(
                 ids, max_new_tokens=new_tokens, mode=mode, eos_token_id=-1
             )
         timed = timed_rounds(runners, device, repeats)
+        greedy = timed["hf-generate"][0][:, prompt_len:]
         base_s = timed["hf-generate"][1]
         base_step = base_s / new_tokens
         rows.append(
@@ -95,6 +113,7 @@ def bench_model(name, model, device, batches, rates, new_tokens, repeats, prompt
                 exit_rate=0.0,
                 step_ms=base_step * 1e3,
                 tokens_per_s=batch * new_tokens / base_s,
+                agreement=1.0,
             )
         )
         for label, _, mode, rate in configs:
@@ -102,7 +121,8 @@ def bench_model(name, model, device, batches, rates, new_tokens, repeats, prompt
             stats = out.stats
             exited = stats["tokens_per_exit_layer"].get(exit_layer, 0) / max(stats["new_tokens"], 1)
             step = secs / new_tokens
-            ideal = exited * (layers - exit_layer) / layers
+            # The layers not run, as a share of full depth (the schedule's exits are at every depth).
+            ideal = 1 - stats["mean_layers_per_token"] / layers
             rows.append(
                 dict(
                     model=name,
@@ -115,6 +135,8 @@ def bench_model(name, model, device, batches, rates, new_tokens, repeats, prompt
                     saving=1 - step / base_step,
                     ideal_saving=ideal if mode == "exit" else None,
                     step_vs_full=step / base_step,
+                    agreement=(out.sequences[:, prompt_len:] == greedy).float().mean().item(),
+                    head_rows_per_token=stats["head_rows"] / max(stats["new_tokens"], 1),
                     exit_check_share=stats.get("exit_check_time_share"),
                     acceptance=stats.get("acceptance_rate"),
                     mean_layers=stats["mean_layers_per_token"],
@@ -160,7 +182,7 @@ def main(argv=None):
     for r in rows:
         r.update(env)
     cols = ["model", "batch", "mode", "exit_rate", "step_ms", "tokens_per_s", "saving", "ideal_saving", "step_vs_full"]
-    print(format_table(rows, cols + ["exit_check_share", "acceptance"]))
+    print(format_table(rows, cols + ["exit_check_share", "acceptance", "agreement", "head_rows_per_token"]))
     stem = f"generate_{env['device']}_torch{env['torch']}".replace("+", "_")
     write_csv(os.path.join(args.out, stem + ".csv"), rows)
     print(f"wrote {os.path.join(args.out, stem)}.csv")

@@ -1,9 +1,10 @@
 """Every GPU kernel path of earlyexit once, at small shapes, for compute-sanitizer.
 
 Both GPU backends: the CUDA kernels of earlyexit._C (decode FMA and tensor-core kernels, the chunked
-cuBLAS path, compaction) and the Triton kernels (what "auto" picks on CUDA). gpu_check.sh runs it under
-`compute-sanitizer --tool memcheck` (out-of-bounds and misaligned accesses) and `--tool racecheck`
-(shared-memory hazards: the decode kernels reuse their staging buffer for the merge), instrumenting
+cuBLAS path, compaction, state similarity) and the Triton kernels (what "auto" picks on CUDA).
+gpu_check.sh runs it under `compute-sanitizer --tool memcheck` (out-of-bounds and misaligned accesses)
+and `--tool racecheck` (shared-memory hazards: the decode kernels reuse their staging buffer for the
+merge), instrumenting
 earlyexit's kernels only. Each call is also compared with the PyTorch reference, so a run without the
 sanitizer is a quick correctness smoke test. Exit status 1 on any mismatch.
 
@@ -16,7 +17,7 @@ import sys
 
 import torch
 
-from earlyexit.ops import backends, compact, exit_check, exit_stats, partition_rows, scatter_rows
+from earlyexit.ops import backends, compact, exit_check, exit_stats, partition_rows, scatter_rows, state_similarity
 
 # (dtype, N, d, V). CUDA: FMA decode (fp32, misaligned), tensor-core decode (each token-tile width,
 # resident and K-chunked rows, partial tiles), chunked cuBLAS path (N > 64). Triton: each row-block size,
@@ -75,6 +76,26 @@ def check_compaction(backend):
     return ok
 
 
+def check_state_similarity(backend):
+    """The state-similarity kernels: 16-byte and unaligned loads, a partial row block, the rescue path."""
+    ok = True
+    for dtype, n, d, off in [(torch.bfloat16, 17, 4096, 0), (torch.float32, 9, 577, 1), (torch.float16, 3, 64, 0)]:
+        h = torch.randn(n, d + 1, device="cuda").to(dtype)[:, off : off + d]
+        p = (h.float() + torch.randn(n, d, device="cuda")).to(dtype)
+        if dtype != torch.float16:
+            h[1] *= 2.0**100  # squares overflow float32: the rescue path
+            p[2] *= 2.0**-130  # subnormal
+        h[n - 1] = 0
+        got = state_similarity(h, p, backend=backend)
+        ref = state_similarity(h, p, backend="torch")
+        torch.cuda.synchronize()
+        case = f"{str(dtype).split('.')[-1]} N={n} d={d} offset={off}"
+        good = torch.allclose(got, ref, rtol=0, atol=1e-3 if dtype == torch.float32 else 1e-2, equal_nan=True)
+        print(f"state_similarity {backend} {case}: {'ok' if good else 'MISMATCH'}")
+        ok = ok and good
+    return ok
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backends", default="cuda,triton", help="comma-separated GPU backends to check")
@@ -88,6 +109,7 @@ def main(argv=None):
         results += [check_exit(backend, *case) for case in CASES]
         results.append(check_exit(backend, torch.bfloat16, 5, 64, 999, misaligned=True))
         results.append(check_compaction(backend))
+        results.append(check_state_similarity(backend))
     return 0 if results and all(results) else 1
 
 

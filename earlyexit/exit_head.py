@@ -29,7 +29,7 @@ from torch import nn
 
 from earlyexit.ops.exit_check import exit_check
 from earlyexit.ops.exit_stats import threshold_rows, validate_head
-from earlyexit.ops.measures import get_measure
+from earlyexit.ops.measures import get_head_measure
 
 #: The keys of a vocabulary-sharded head's extra :func:`earlyexit.exit_check` arguments.
 _SHARD_KEYS = ("group", "vocab_start", "vocab_size")
@@ -62,7 +62,7 @@ class ExitHead(nn.Module):
         temperature: > 0, divides the logits (Granite's logits_scaling).
         threshold: float, or a tensor broadcastable to ``hidden.shape[:-1]`` (per-row thresholds). A NaN
             (entry) raises ValueError. Settable later: ``head.threshold = 0.8`` (validated the same way).
-        measure: "max_prob", "margin" or "entropy" (:mod:`earlyexit.ops.measures`).
+        measure: "max_prob", "margin" or "entropy" (the head measures of :mod:`earlyexit.ops.measures`).
 
     The tensors are referenced, not copied, and are not registered as parameters or buffers (see the
     module docstring: ``head.to()`` moves nothing; move the model and a head over its parameters follows).
@@ -106,7 +106,7 @@ class ExitHead(nn.Module):
             softcap=softcap,
             allow_empty_vocab=bool(shard),
         )
-        get_measure(measure)
+        get_head_measure(measure)
         # Plain instance attributes, outside nn.Module's registries (see the module docstring).
         self.__dict__["_tensors"] = {"weight": weight, "norm_weight": norm_weight, "bias": bias}
         self.norm_eps = float(norm_eps)

@@ -84,3 +84,17 @@ def test_no_kernel_spills(usage):
     for key, res in kernels.items():
         if "decode_mma_kernel" in key[1]:
             assert res["stack"] == 0 and res["reg"] <= 128, (key, res)
+
+
+def test_every_arch_has_the_state_similarity_kernels(sass):
+    for arch in _archs():
+        names = [n for (a, n) in sass if a == arch and "state_similarity_kernel" in n]
+        # 3 dtypes x (16-byte loads, scalar loads)
+        assert len(names) == 6, (arch, names)
+
+
+def test_state_similarity_vector_path_uses_16_byte_loads(sass):
+    for (arch, name), code in sass.items():
+        # Template argument kVec = true is mangled "Lb1E".
+        if "state_similarity_kernel" in name and "Lb1E" in name:
+            assert re.search(r"LDG\.E\.128", code), (arch, name)

@@ -15,7 +15,7 @@ from exit_check_oracle import expected_exit
 import earlyexit
 from earlyexit import ExitStats, exit_check, exit_stats, finalize_exit_stats, merge_exit_stats
 from earlyexit.ops.exit_stats import exit_stats_op
-from earlyexit.ops.measures import MEASURE_NAMES, MEASURES, STATISTICS
+from earlyexit.ops.measures import HEAD_MEASURE_NAMES, HEAD_MEASURES, MEASURE_NAMES, MEASURES, STATISTICS
 
 BACKENDS = runnable_backends()
 FLOAT_FIELDS = ("max_logit", "second_logit", "sum_exp", "sum_exp_z")
@@ -88,7 +88,7 @@ def test_merged_slices_equal_the_unsliced_op(backend, device, bounds):
     merged = merge_exit_stats(sliced_stats(hidden, weight, bounds, backend, **kw))
     assert_stats_close(merged, whole)
     thr = torch.rand(9, device=device)
-    for measure in MEASURE_NAMES:
+    for measure in HEAD_MEASURE_NAMES:
         got = finalize_exit_stats(merged, thr, measure=measure)
         want = exit_check(hidden, weight, thr, measure=measure, backend=backend, **kw)
         assert_results_close(got, want)
@@ -185,7 +185,7 @@ def test_per_row_thresholds_and_every_measure(backend, device):
     hidden = torch.randn(8, 32, device=device) * torch.linspace(0.2, 6, 8, device=device)[:, None]
     weight = torch.randn(120, 32, device=device) / 4
     stats = merge_exit_stats(sliced_stats(hidden, weight, [(0, 50), (50, 120)], backend))
-    for name, spec in MEASURES.items():
+    for name, spec in HEAD_MEASURES.items():
         base = finalize_exit_stats(stats, 0.0, measure=name)
         value = getattr(base, spec.statistic)
         assert torch.equal(base.confidence, value)
@@ -199,9 +199,16 @@ def test_per_row_thresholds_and_every_measure(backend, device):
 
 
 def test_measure_table_is_what_the_kernels_read():
-    assert MEASURE_NAMES == ("max_prob", "margin", "entropy")
-    assert all(m.statistic in STATISTICS and STATISTICS[m.code] == m.statistic for m in MEASURES.values())
-    assert [m.exit_above for m in MEASURES.values()] == [True, True, False]
+    assert MEASURE_NAMES == ("max_prob", "margin", "entropy", "state")
+    assert HEAD_MEASURE_NAMES == ("max_prob", "margin", "entropy")
+    assert all(m.source == "head" for m in HEAD_MEASURES.values()) and MEASURES["state"].source == "state"
+    assert all(m.statistic in STATISTICS and STATISTICS[m.code] == m.statistic for m in HEAD_MEASURES.values())
+    assert [m.exit_above for m in MEASURES.values()] == [True, True, False, True]
+    # The state measure is no head statistic: no kernel code, and the head ops refuse it by name.
+    with pytest.raises(ValueError, match="measure.*state_similarity"):
+        _ = MEASURES["state"].code
+    with pytest.raises(ValueError, match="measure.*state_similarity"):
+        finalize_exit_stats(exit_stats(torch.randn(2, 8), torch.randn(5, 8)), 0.5, measure="state")
     for m in MEASURES.values():
         v = torch.tensor([0.2, 0.8])
         assert torch.equal(m.from_score(m.score(v)), v)

@@ -15,7 +15,7 @@ from exit_check_oracle import TOL
 
 import earlyexit
 from earlyexit.ops import backends, exit_check
-from earlyexit.ops.measures import MEASURES, STATISTICS
+from earlyexit.ops.measures import HEAD_MEASURES, STATISTICS
 from earlyexit.ops.reference import exit_stats_reference, finalize_stats
 
 needs_ext = pytest.mark.skipif(backends.EXTENSION is None, reason="earlyexit._C is not built")
@@ -24,7 +24,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def run_op(hidden, weight, thr, norm_weight=None, bias=None, measure="max_prob", eps=1e-6, temperature=1.0):
-    spec = MEASURES[measure]
+    spec = HEAD_MEASURES[measure]
     out = torch.ops.earlyexit_C.exit_check(
         hidden, weight, thr, norm_weight, bias, spec.code, spec.exit_above, eps, temperature
     )
@@ -106,7 +106,7 @@ def test_opcheck_cpp_op(dtype):
     hidden = torch.randn(5, 57).to(dtype)
     weight = torch.randn(300, 57).to(dtype)
     thr = torch.full((5,), 0.2)
-    margin = MEASURES["margin"]
+    margin = HEAD_MEASURES["margin"]
     torch.library.opcheck(
         torch.ops.earlyexit_C.exit_check.default,
         (hidden, weight, thr, torch.rand(57) + 0.5, torch.randn(300), margin.code, margin.exit_above, 1e-6, 0.7),
@@ -183,7 +183,7 @@ def test_cpu_stats_chunks_and_row_blocks(dtype, n, d, v):
     stats = run_stats(hidden, weight, norm_weight, bias, temperature=0.8)
     assert stats.invalid.tolist() == [n > 1 and i == n // 2 for i in range(n)]
     assert_stats_match_reference(stats, hidden, weight, norm_weight, bias, temp=0.8)
-    for measure in MEASURES:
+    for measure in HEAD_MEASURES:
         res = run_op(hidden, weight, thr, norm_weight, bias, measure, temperature=0.8)
         assert_stats_finalize_to_exit_check(stats, res, thr, measure)
 
@@ -393,7 +393,7 @@ def test_cuda_stats_match_reference(dtype, n, d, v):
         stats = run_stats(h, w, g, bias, temperature=0.9)
         assert stats.invalid.tolist() == [n > 1 and i == n // 2 for i in range(n)]
         assert_stats_match_reference(stats, h, w, g, bias, temp=0.9)
-        for measure in MEASURES:
+        for measure in HEAD_MEASURES:
             res = run_op(h, w, thr, g, bias, measure, temperature=0.9)
             assert_stats_finalize_to_exit_check(stats, res, thr, measure)
 
@@ -443,7 +443,7 @@ def test_cuda_opcheck():
     hidden = torch.randn(5, 64, device="cuda", dtype=torch.bfloat16)
     weight = torch.randn(999, 64, device="cuda", dtype=torch.bfloat16)
     thr = torch.full((5,), 0.2, device="cuda")
-    entropy = MEASURES["entropy"]
+    entropy = HEAD_MEASURES["entropy"]
     torch.library.opcheck(
         torch.ops.earlyexit_C.exit_check.default,
         (hidden, weight, thr, None, None, entropy.code, entropy.exit_above, 1e-6, 1.0),

@@ -12,7 +12,7 @@ import pytest
 import torch
 from host_build import build_harness
 
-from earlyexit.ops.measures import MEASURES, STATISTICS
+from earlyexit.ops.measures import HEAD_MEASURES, STATISTICS
 from earlyexit.ops.reference import finalize_stats, softmax_stats
 
 
@@ -85,7 +85,7 @@ def cases():
 @pytest.mark.parametrize("name,z", list(cases()), ids=[c[0] for c in cases()])
 def test_online_stats_match_reference(fold, name, z, parts):
     g = torch.Generator().manual_seed(parts)
-    for measure, spec in MEASURES.items():
+    for measure, spec in HEAD_MEASURES.items():
         want = reference(z, measure, 0.3)
         for order in (torch.arange(z.numel()), torch.randperm(z.numel(), generator=g)):
             got = fold(z, parts, spec.code, spec.exit_above, 0.3, order)
@@ -117,7 +117,7 @@ def test_merged_stats_match_reference_softmax_stats(fold_stats, name, z, parts):
 def test_tied_large_logits_finalize_exactly(fold):
     """Two tied logits at 2e4: probabilities from the sums, not exp(z - lse), so no ulp of lse leaks in."""
     z = torch.tensor([3.0, 2e4, -7.0, 2e4, 1.0, 2e4 - 200])
-    token, _, max_prob, margin, entropy, lse, _ = fold(z, 3, MEASURES["max_prob"].code, True, 0.5).tolist()
+    token, _, max_prob, margin, entropy, lse, _ = fold(z, 3, HEAD_MEASURES["max_prob"].code, True, 0.5).tolist()
     assert token == 1
     assert abs(max_prob - 0.5) <= 1e-6
     assert margin == 0.0

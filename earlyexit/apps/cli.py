@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from earlyexit.ops.measures import MEASURE_NAMES
+from earlyexit.ops.measures import MEASURE_NAMES, MEASURES
 
 
 def _needs(command, model):
@@ -166,7 +166,12 @@ def build_parser():
     c.add_argument("--model", default=None, metavar="PATH", help=MODEL_HELP)
     c.add_argument("--exit-layers", type=_exit_layers, default=None, help=EXIT_LAYERS_HELP)
     c.add_argument("--target-agreement", type=_fraction, default=0.99)
-    c.add_argument("--measure", default="max_prob", choices=MEASURE_NAMES)
+    c.add_argument(
+        "--measure",
+        default="max_prob",
+        choices=MEASURE_NAMES,
+        help="exit measure: " + "; ".join(f"{m.name}: {m.description}" for m in MEASURES.values()),
+    )
     c.add_argument(
         "--objective",
         default="time",

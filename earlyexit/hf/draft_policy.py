@@ -1,9 +1,17 @@
 """Exact mode's draft policy: how deep to draft, when to stop drafting, how many drafts per round.
 
 A round drafts at a fixed depth E (layers 0..E-1, then the fused exit check through E's head), stops
-at the first draft whose probability falls below the draft threshold (that draft is dropped: the
+at the first draft whose confidence falls below the draft threshold (that draft is dropped: the
 verification already has its input's states) or after ``max_tokens`` drafts, then verifies the
 block at full depth. Depth None is plain decoding: one full-depth step per round, no exit check.
+
+A draft's confidence is the min over the round's rows of the draft token's probability (max_prob at
+E) under the head measures, and of the hidden-state similarity cos(h_E, h_(E-1)) under
+``measure="state"`` (the draft token still comes from the head). Thresholds are in those units:
+probabilities (:data:`THRESHOLDS`; 0 never stops early) or cosines (:data:`NEVER_STATE` = -inf never
+stops early; the adaptive policy's other candidates are quantiles of the similarities it has seen at
+that depth, :data:`STATE_QUANTILES`, since how saturated the states get depends on the model and the
+depth). Either way the verification keeps exact mode's output that of ``model.generate``.
 
 :class:`DraftPolicy` is a fixed configuration. :class:`AdaptiveDraft` ("auto") chooses one per round
 from what the same generate call has measured so far: the wall time of plain steps, draft steps per
@@ -14,10 +22,15 @@ drafting rounds lost against plain steps (plus the next probe's worst case) stay
 :data:`EXPLORE_BUDGET` of the time so far.
 """
 
+import math
 from dataclasses import dataclass
 
 #: Draft thresholds (draft-token probability) the adaptive policy chooses from; 0 never stops early.
 THRESHOLDS = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95)
+#: measure="state": the draft threshold that never stops early (a NaN similarity counts as -inf).
+NEVER_STATE = float("-inf")
+#: measure="state": quantiles of the similarities seen at a depth that the adaptive policy also tries.
+STATE_QUANTILES = (0.1, 0.25, 0.5)
 
 #: Share of the call's time that losing drafting rounds may cost before probes pause.
 EXPLORE_BUDGET = 0.03
@@ -29,8 +42,9 @@ class DraftPolicy:
 
     depth: E, draft after the first E decoder layers (1 <= E < L) through E's exit head if E is an
         exit layer, else the shared head; None = no drafting (plain full-depth decoding).
-    threshold: stop drafting at the first draft whose probability (max_prob at E) is below it; 0
-        never stops early.
+    threshold: stop drafting at the first draft whose confidence is below it: the min-over-rows
+        probability of the draft token (max_prob at E; 0 never stops early), or under
+        ``measure="state"`` the min-over-rows cos(h_E, h_(E-1)) (-inf never stops early).
     max_tokens: most drafts per round (>= 1 when drafting).
     """
 
@@ -82,17 +96,21 @@ class AdaptiveDraft:
 
     Args:
         num_layers: L. depths: candidate draft depths (the exit layers). max_tokens: most drafts per
-            round (0 = never draft).
+            round (0 = never draft). measure: the EarlyExitLM's measure: "state" drafts with state
+            similarities as confidences (thresholds: :data:`NEVER_STATE` and :data:`STATE_QUANTILES` of
+            the similarities seen at the depth), any other with max_prob (:data:`THRESHOLDS`).
     """
 
-    def __init__(self, num_layers, depths, max_tokens):
+    def __init__(self, num_layers, depths, max_tokens, measure="max_prob"):
         self.num_layers = num_layers
         self.depths = list(depths)
         self.max_tokens = max_tokens
+        self.state = measure == "state"
+        self.never = NEVER_STATE if self.state else THRESHOLDS[0]
         self.plain_s = _Ema()
         self.draft_s = {e: _Ema() for e in self.depths}
         self.beta = _Ema()
-        # Per depth: (min-over-rows draft probability, accepted or None for dropped drafts).
+        # Per depth: (min-over-rows draft confidence, accepted or None for dropped drafts).
         self.seen = {e: [] for e in self.depths}
         self.best = None  # (rate, DraftPolicy) of the best drafting configuration, None = recompute
         self.elapsed_s = 0.0  # time of all rounds so far
@@ -103,7 +121,7 @@ class AdaptiveDraft:
         L, plain = self.num_layers, self.plain_s.value
         seen = self.seen[e]
         confident = [acc for c, acc in seen if c >= t]
-        p = 1.0 if t == 0 else (len(confident) + 0.5) / (len(seen) + 1)
+        p = 1.0 if t == self.never else (len(confident) + 0.5) / (len(seen) + 1)
         verified = [acc for acc in confident if acc is not None]  # acceptance shares in [0, 1]
         prior = 0.8 * e / L
         a = (sum(verified) + 2 * prior) / (len(verified) + 2)
@@ -119,10 +137,22 @@ class AdaptiveDraft:
         """Seconds of one draft step at depth e: measured, else e layers and about two for the exit check."""
         return self.draft_s[e].value or self.plain_s.value * (e + 2) / self.num_layers
 
+    def _thresholds(self, e):
+        """Draft thresholds to try at depth e: :data:`THRESHOLDS`, or for the state measure
+        :data:`NEVER_STATE` and the :data:`STATE_QUANTILES` of the finite similarities seen at e."""
+        if not self.state:
+            return THRESHOLDS
+        seen = sorted(c for c, _ in self.seen[e] if math.isfinite(c))
+        quantiles = sorted({seen[int(q * (len(seen) - 1))] for q in STATE_QUANTILES}) if seen else []
+        return (NEVER_STATE, *quantiles)
+
     def _best(self):
         if self.best is None:
             candidates = [
-                DraftPolicy(e, t, n) for e in self.depths for t in THRESHOLDS for n in range(1, self.max_tokens + 1)
+                DraftPolicy(e, t, n)
+                for e in self.depths
+                for t in self._thresholds(e)
+                for n in range(1, self.max_tokens + 1)
             ]
             rates = [self._rate(c.depth, c.threshold, c.max_tokens) for c in candidates]
             i = max(range(len(rates)), key=rates.__getitem__)
@@ -150,7 +180,7 @@ class AdaptiveDraft:
     def observe_round(self, depth, confidences, drafted, accepted, draft_s, verify_s):
         """A drafting round at ``depth``.
 
-        confidences: the min-over-rows probability of each draft step (the last one dropped when
+        confidences: the min-over-rows confidence of each draft step (the last one dropped when
         ``drafted`` < len(confidences)); drafted: drafts verified; accepted: drafts each row kept
         (a sequence of ints, one per row that ran); draft_s, verify_s: wall time of the draft steps
         and of the verification.

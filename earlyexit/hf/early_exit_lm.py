@@ -11,6 +11,30 @@ fused :func:`earlyexit.exit_check`. ``heads`` adds a per-exit adapter in front o
   model's dtype and device. Its output goes through the shared final norm + lm_head exit check and,
   when sampling, gives the exit token's distribution. State propagation always uses the raw exit
   hidden state (the adapter reads the exit head, not the deeper layers).
+
+The state measure
+-----------------
+``measure="state"`` (CALM's hidden-state saturation) decides without the head: at exit layer k a row
+exits when cos(h_k, h_(k-1)) >= threshold, the cosine similarity (float32,
+:func:`earlyexit.state_similarity`) of its hidden states after k and after k - 1 decoder layers (after
+0 layers: the embedding). Only the exiting rows, compacted, then go through the exit head (adapter, then
+the fused exit check over the shared head) for their token, so the head runs once per token, at the
+layer where the row exits (or at full depth), and continuing rows never touch it. The similarity always
+compares the raw hidden states: a per-exit adapter only shapes the exit token (as for state
+propagation), so adapters trained for the head measures plug in unchanged. Cosines lie in [-1, 1]: a
+threshold above 1 never exits, one below -1 always does (a row with non-finite states has a NaN
+similarity and never exits). In exact mode the drafts' stop confidence is the same similarity at the
+draft depth (see :mod:`earlyexit.hf.draft_policy`).
+
+Position schedules
+------------------
+``schedule=`` (a :class:`earlyexit.SkipDecodeSchedule`, a callable t -> layers or a sequence) replaces
+exit mode's exit checks: generated position t runs exactly ``schedule(t)`` decoder layers in every
+row, non-increasing in t, takes its token from the shared head there and gets the layers above by state
+propagation. SkipDecode (Del Corro et al., 2023) skips the lower layers of a model fine-tuned for it;
+on unmodified pretrained models the skipped layers are the upper ones, and non-increasing budgets mean
+every layer a token runs reads computed cache entries only (see :mod:`earlyexit.schedule`). Exact mode
+takes no schedule.
 """
 
 import math
@@ -25,6 +49,7 @@ from earlyexit.hf.generate import generate
 from earlyexit.hf.model_adapter import ModelAdapter
 from earlyexit.hf.sampling import TokenChooser
 from earlyexit.ops.measures import get_measure
+from earlyexit.schedule import check_schedule, schedule_depths
 
 MODES = ("exit", "exact")
 
@@ -97,9 +122,16 @@ class EarlyExitLM:
         exit_layers: sorted layer counts; k means "exit check after the first k decoder layers",
             1 <= k < L (for a 30-layer model, e.g. [7, 14, 21]).
         threshold: one float, or one per exit layer; finite, or the infinity that never exits (+inf for
-            "max_prob"/"margin", -inf for "entropy"); NaN raises.
-        measure: "max_prob" (exit when >= threshold), "margin" (>=) or "entropy" (<=).
+            "max_prob"/"margin"/"state", -inf for "entropy"); NaN raises.
+        measure: "max_prob" (exit when >= threshold), "margin" (>=), "entropy" (<=): statistics of the
+            exit head; or "state" (>=): cos(h_k, h_(k-1)) of the hidden states, no head for the
+            decision (see the module docstring). :data:`earlyexit.ops.measures.MEASURES` describes them.
         heads: per-exit adapters before the shared exit head (see the module docstring).
+        schedule: None, or a position schedule for exit mode (SkipDecode-style, see the module docstring
+            and :mod:`earlyexit.schedule`): a :class:`earlyexit.SkipDecodeSchedule` (max_layers <= L),
+            any callable t -> decoder layers, or a sequence of layer counts. Exit mode then runs exactly
+            ``schedule(t)`` layers at generated position t, for every row, without exit checks.
+            ``exit_layers`` may be None when a schedule is given (no exit layers).
 
     Attributes:
         draft: exact mode's draft policy: "auto" (default; depth among the exit layers, draft
@@ -115,17 +147,23 @@ class EarlyExitLM:
             keeps every row and masks the exited ones (a reference path: same tokens, no savings).
         progress: None (default) or a callable called with the number of positions generated so far
             after each one (for progress bars).
+        schedule: exit mode's position schedule (None: exit checks), settable.
 
     Raises:
         ValueError: unsupported architecture (the message lists the supported ones), exit layers out
             of range, unsorted or duplicated, wrong threshold/heads counts, a NaN (or always-exiting
-            infinite) threshold, unknown measure.
+            infinite) threshold, unknown measure, no exit layers and no schedule, a schedule that is
+            none (or a SkipDecodeSchedule whose max_layers exceeds L, or a sequence outside [1, L] or
+            increasing).
     """
 
-    def __init__(self, model, exit_layers, *, threshold=0.9, measure="max_prob", heads=None):
+    def __init__(self, model, exit_layers=None, *, threshold=0.9, measure="max_prob", heads=None, schedule=None):
         self.adapter = ModelAdapter(model)
         self.model = model
-        self.exit_layers = _check_exit_layers(exit_layers, self.adapter.num_layers)
+        if exit_layers is None and schedule is None:
+            raise ValueError("exit_layers: expected sorted layer counts (None only with a schedule=)")
+        self.schedule = None if schedule is None else check_schedule(schedule, self.adapter.num_layers)
+        self.exit_layers = [] if exit_layers is None else _check_exit_layers(exit_layers, self.adapter.num_layers)
         get_measure(measure)  # ValueError naming the argument
         self.measure = measure
         self.thresholds = _check_thresholds(threshold, len(self.exit_layers), measure)
@@ -182,7 +220,7 @@ class EarlyExitLM:
         """A fresh per-call driver of ``self.draft`` (ValueError if it is neither "auto" nor a valid DraftPolicy)."""
         d, L = self.draft, self.num_layers
         if isinstance(d, str) and d == "auto":
-            return AdaptiveDraft(L, self.exit_layers, int(self.draft_tokens))
+            return AdaptiveDraft(L, self.exit_layers, int(self.draft_tokens), measure=self.measure)
         if not isinstance(d, DraftPolicy):
             raise ValueError(f'draft: expected "auto" or a DraftPolicy, got {d!r}')
         if d.depth is not None and not (isinstance(d.depth, int) and 1 <= d.depth < L):
@@ -214,6 +252,23 @@ class EarlyExitLM:
             pad = ids[0] if ids else 0
         return eos, pad
 
+    def _schedule_depths(self, schedule, mode, max_new_tokens):
+        """Exit mode's layers per position for this call (a list of ints), or None for exit checks.
+
+        ``schedule`` (the call's) overrides ``self.schedule``; exact mode takes none (ValueError for an
+        explicit one) and ignores ``self.schedule``: its output is the full model's, its drafts come
+        from the draft policy.
+        """
+        if mode == "exact":
+            if schedule is not None:
+                raise ValueError(
+                    "schedule: exact mode verifies every token at full depth and takes no position schedule; "
+                    'use mode="exit"'
+                )
+            return None
+        schedule = self.schedule if schedule is None else schedule
+        return None if schedule is None else schedule_depths(schedule, max_new_tokens, self.num_layers)
+
     def generate(
         self,
         input_ids,
@@ -225,6 +280,7 @@ class EarlyExitLM:
         do_sample=False,
         temperature=1.0,
         top_p=1.0,
+        schedule=None,
     ):
         """Generate with early exits.
 
@@ -238,6 +294,11 @@ class EarlyExitLM:
             eos_token_id: int or list of ints in [0, V); None uses the model's generation config; ``[]``
                 means no end of sequence (even when the generation config has one). Rows stop there.
             do_sample, temperature, top_p: sampling as in ``model.generate`` (greedy by default).
+            schedule: a position schedule for this call (as the constructor's ``schedule``; None:
+                ``self.schedule``), exit mode only. Position t of the call runs ``schedule(t)`` decoder
+                layers in every row (checked over the call's positions: ints in [1, L], non-increasing),
+                the token comes from the shared head there and state propagation fills the layers above;
+                ``exit_layer[:, t] == schedule(t)``, ``stats["exit_check_time_share"] == 0``.
 
         Returns:
             :class:`~earlyexit.hf.generate.GenerateOutput` with ``sequences`` [B, T + n],
@@ -245,7 +306,8 @@ class EarlyExitLM:
 
         Raises:
             ValueError: bad shapes or arguments (input_ids/attention_mask mismatch, token ids of
-                input_ids or eos_token_id outside the vocabulary [0, V), unknown mode, ...).
+                input_ids or eos_token_id outside the vocabulary [0, V), unknown mode, a schedule
+                with a value outside [1, L] or not an int, an increasing one, one given to exact mode, ...).
         """
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids: expected an int64 tensor [B, T] with T >= 1, got {_describe(input_ids)}")
@@ -273,6 +335,7 @@ class EarlyExitLM:
             raise ValueError(f"temperature: expected > 0, got {temperature!r}")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p: expected a value in (0, 1], got {top_p!r}")
+        depths = self._schedule_depths(schedule, mode, max_new_tokens)
         device = self.adapter.device
         eos, pad = self._special_tokens(eos_token_id)
         return generate(
@@ -287,6 +350,7 @@ class EarlyExitLM:
             chooser=TokenChooser(do_sample, float(temperature), float(top_p)),
             policy=self._draft_policy() if mode == "exact" else None,
             progress=self.progress,
+            schedule=depths,
         )
 
 

@@ -2,8 +2,9 @@
 
 Both run the decoder layers directly on the rows that are still generating, writing a
 :class:`~earlyexit.hf.cache.RowCache`. The early-exit step checks the exit head after each exit
-layer, compacts the continuing rows (so the deeper layers run only on them), and at the end fills
-the skipped layers of exited rows by state propagation.
+layer (measure="state": the similarity of the hidden states, then the head on the exiting rows only),
+compacts the continuing rows (so the deeper layers run only on them), and at the end fills the
+skipped layers of exited rows by state propagation.
 """
 
 import time
@@ -11,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from earlyexit import compact, exit_check, partition_rows, scatter_rows
+from earlyexit import compact, exit_check, partition_rows, scatter_rows, state_similarity
 from earlyexit.hf.attention_mask import build_masks, position_ids
+from earlyexit.ops.measures import get_measure
 
 
 @dataclass
@@ -47,8 +49,10 @@ class DraftVocab:
 class Counters:
     """Accumulated over a generate call.
 
-    exit_check_s: seconds in exit checks. layer_rows: decoder layers x rows x positions computed.
-    propagated_layer_rows: k/v-only layer computations of state propagation.
+    exit_check_s: seconds in exit checks (under measure="state": the similarity and the decision; the
+    exiting rows' head is token choice). layer_rows: decoder layers x rows x positions computed.
+    propagated_layer_rows: k/v-only layer computations of state propagation. head_rows: rows (x
+    positions) the exit head evaluated (fused check or lm_head logits), exit checks and token choice alike.
     Exact mode: verify_passes, draft_steps (draft exit checks), drafted (draft tokens verified, per row),
     matched (drafts the verifier agreed with).
     """
@@ -56,6 +60,7 @@ class Counters:
     exit_check_s: float = 0.0
     layer_rows: int = 0
     propagated_layer_rows: int = 0
+    head_rows: int = 0
     verify_passes: int = 0
     draft_steps: int = 0
     drafted: int = 0
@@ -164,7 +169,7 @@ def verify_forward(adapter, cache, block, attention_mask, running, first_states,
     return h, rows
 
 
-def draft_step(adapter, cache, input_ids, attention_mask, running, depth, head, counters, vocab=None):
+def draft_step(adapter, cache, input_ids, attention_mask, running, depth, head, counters, vocab=None, state=False):
     """One draft at a fixed depth E: layers 0..E-1, then the fused exit check through E's head.
 
     The layers E..L-1 of the new position stay reserved (zeros): only the verification reads or
@@ -175,26 +180,35 @@ def draft_step(adapter, cache, input_ids, attention_mask, running, depth, head, 
         depth: E, 1 <= E < L. head: None or a callable [K, d] -> [K, d] before the shared head.
         vocab: None or a :class:`DraftVocab`: the check runs over its rows only, and max_prob is
             the draft token's probability within that sub-vocabulary.
+        state: the confidence is the state similarity cos(h_E, h_(E-1)) (measure="state") instead of
+            max_prob; the token still comes from the head.
 
     Returns:
-        (tokens int64 [B] (0 for rows not running), max_prob float32 [K] of the draft tokens (NaN for
-        an invalid row), state [K, d] after layer E), the last two in the running rows' order.
+        (tokens int64 [B] (0 for rows not running), confidence float32 [K] (max_prob of the draft
+        tokens, NaN for an invalid row; or the state similarity, NaN for non-finite states), state
+        [K, d] after layer E), the last two in the running rows' order.
     """
     batch = input_ids.shape[0]
     r, windows = _prologue(adapter, cache, input_ids, attention_mask, running)
     view = cache.view(_view_rows(r.rows, batch))
-    h = _run_layers(adapter, range(depth), r.hidden, r.masks, windows, r.pos, (r.cos, r.sin), view)[:, -1]
+    h = r.hidden
+    if state:  # stop one layer short to keep h_(E-1)
+        h = _run_layers(adapter, range(depth - 1), h, r.masks, windows, r.pos, (r.cos, r.sin), view)
+        before = h[:, -1]
+    h = _run_layers(adapter, range(depth - 1 if state else 0, depth), h, r.masks, windows, r.pos, (r.cos, r.sin), view)
+    h = h[:, -1]
     counters.layer_rows += depth * r.rows.shape[0]
     t0 = time.perf_counter()
     x = h if head is None else head(h)
     res = exit_check(x, threshold=1.0, **(adapter.exit_head if vocab is None else vocab.exit_head))
     counters.exit_check_s += time.perf_counter() - t0
+    counters.head_rows += x.shape[0]
     counters.draft_steps += 1
     tokens = torch.zeros(batch, dtype=torch.int64, device=input_ids.device)
     # An invalid row (token -1, NaN probability) drafts token 0, which the verification judges like any draft.
     token = res.token.clamp(min=0)
     scatter_rows(tokens, r.rows, token if vocab is None else vocab.ids[token])
-    return tokens, res.max_prob, h
+    return tokens, (state_similarity(h, before) if state else res.max_prob), h
 
 
 def plain_step(adapter, cache, input_ids, attention_mask, running, chooser, counters, fused):
@@ -205,7 +219,7 @@ def plain_step(adapter, cache, input_ids, attention_mask, running, chooser, coun
     """
     h, rows = full_forward(adapter, cache, input_ids, attention_mask, running, counters)
     tokens = torch.zeros(input_ids.shape[0], dtype=torch.int64, device=input_ids.device)
-    scatter_rows(tokens, rows, full_depth_tokens(adapter, chooser, h[:, -1], fused))
+    scatter_rows(tokens, rows, full_depth_tokens(adapter, chooser, h[:, -1], fused, counters))
     return tokens
 
 
@@ -219,10 +233,38 @@ def _timed_check(spec, i, hidden, adapter, counters):
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)  # the exit decision needs the result on the host anyway
     counters.exit_check_s += time.perf_counter() - t0
+    counters.head_rows += x.shape[0]
     return x, res.token, exits
 
 
-def full_depth_tokens(adapter, chooser, hidden, fused=True):
+def _state_check(spec, i, hidden, before, done, adapter, chooser, counters):
+    """Exit point i under measure="state": the decision without the head, then the exiting rows' tokens.
+
+    A row exits when cos(hidden, before) >= its threshold (:func:`earlyexit.state_similarity`, float32;
+    NaN never exits) and is not ``done``. Only the exiting rows, compacted, go through the exit point's
+    head and the shared head (as :func:`full_depth_tokens` chooses tokens: the fused check when greedy,
+    the logits when sampling), so continuing rows never touch the head here.
+
+    Args:
+        hidden, before: [K, d], the rows' last-position states after this exit layer and after the
+            layer before it. done: [K] bool, rows that exited before (masking-only path).
+    Returns:
+        (tokens int64 [K], 0 for the rows that do not exit; exits bool [K]; their number, an int).
+    """
+    t0 = time.perf_counter()
+    exits = get_measure(spec.measure).exits(state_similarity(hidden, before), spec.thresholds[i]) & ~done
+    n_exit = int(exits.sum())  # the host needs the decision (and the number of rows to compact)
+    counters.exit_check_s += time.perf_counter() - t0
+    tokens = torch.zeros(hidden.shape[0], dtype=torch.int64, device=hidden.device)
+    if n_exit:
+        (x,), rows = compact(exits, hidden)
+        head = spec.heads[i]
+        x = x if head is None else head(x)
+        scatter_rows(tokens, rows, full_depth_tokens(adapter, chooser, x, counters=counters))
+    return tokens, exits, n_exit
+
+
+def full_depth_tokens(adapter, chooser, hidden, fused=True, counters=None):
     """Next tokens of rows that ran every layer, from their last hidden states [K, d] -> int64 [K].
 
     Greedy with ``fused``: the fused exit check over the model's own head (final norm + lm_head) gives
@@ -230,7 +272,10 @@ def full_depth_tokens(adapter, chooser, hidden, fused=True):
     than lm_head at SmolLM2's 49152 x 576 head); ties go to the lowest index as in torch.argmax. Rows
     whose logits are not finite get torch's argmax of the materialized logits, as model.generate would.
     ``fused=False`` (or sampling, which needs the logits themselves) uses the model's logits.
+    counters: a :class:`Counters` whose head_rows count these rows, or None.
     """
+    if counters is not None:
+        counters.head_rows += hidden.shape[0]
     if chooser.do_sample or not fused:
         return chooser(adapter.logits(hidden))
     tokens = exit_check(hidden, threshold=1.0, **adapter.exit_head).token
@@ -259,6 +304,7 @@ def exit_step(adapter, cache, spec, input_ids, attention_mask, running, chooser,
     exit_layer = torch.zeros(batch, dtype=torch.int64, device=device)
     exit_hidden = torch.zeros(batch, 1, r.hidden.shape[-1], dtype=r.hidden.dtype, device=device)
     exit_at = {k: i for i, k in enumerate(spec.exit_layers)}
+    state = get_measure(spec.measure).source == "state"  # decide on cos(h_k, h_(k-1)), no head
 
     h, cos, sin, pos, masks, rows = r.hidden, r.cos, r.sin, r.pos, r.masks, r.rows
     # Masking-only path (no compaction): exited rows keep running and `done` marks them.
@@ -267,17 +313,21 @@ def exit_step(adapter, cache, spec, input_ids, attention_mask, running, chooser,
         if rows.shape[0] == 0:
             break
         view = cache.view(_view_rows(rows, batch))
+        before = h
         h = adapter.run_layer(idx, h, masks[windows.index(adapter.windows[idx])], pos, (cos, sin), view)
         counters.layer_rows += rows.shape[0]
         i = exit_at.get(idx + 1)
         if i is None:
             continue
-        x, tok, exits = _timed_check(spec, i, h[:, -1], adapter, counters)
-        exits = exits & ~done
-        n_exit = int(exits.sum())
+        if state:  # the exiting rows' tokens come with the decision
+            tok, exits, n_exit = _state_check(spec, i, h[:, -1], before[:, -1], done, adapter, chooser, counters)
+        else:
+            x, tok, exits = _timed_check(spec, i, h[:, -1], adapter, counters)
+            exits = exits & ~done
+            n_exit = int(exits.sum())
         if n_exit == 0:
             continue
-        if chooser.do_sample:
+        if chooser.do_sample and not state:
             tok = tok.masked_scatter(exits, chooser(adapter.logits(x[exits])))
         if spec.compaction:
             # Continuing rows first, exited rows after, in one fused call; the split point is known (n_exit).
@@ -298,7 +348,7 @@ def exit_step(adapter, cache, spec, input_ids, attention_mask, running, chooser,
 
     if rows.shape[0] > 0:
         live = rows[~done]
-        scatter_rows(tokens, live, full_depth_tokens(adapter, chooser, h[~done][:, -1]))
+        scatter_rows(tokens, live, full_depth_tokens(adapter, chooser, h[~done][:, -1], counters=counters))
         scatter_rows(exit_layer, live, torch.full_like(live, num_layers))
     _propagate(adapter, cache, spec, exit_hidden, exit_layer, running, r, counters)
     return tokens, exit_layer
@@ -320,3 +370,37 @@ def _propagate(adapter, cache, spec, exit_hidden, exit_layer, running, r, counte
             keys, values = adapter.project_kv(idx, h, cos, sin)
             cache.write(idx, rows, keys, values)
         counters.propagated_layer_rows += rows.shape[0] * (bounds[i + 1] - k)
+
+
+def schedule_step(adapter, cache, input_ids, attention_mask, running, depth, chooser, counters):
+    """One decoding step at a fixed depth for every running row (a position schedule, SkipDecode-style).
+
+    Layers 0..depth-1 on all running rows (one static shape: no exit checks, no compaction), the token
+    from the shared head at that depth (as :func:`full_depth_tokens` chooses it: the fused exit check
+    over final norm + lm_head when greedy, the model's logits when sampling; the head runs once per
+    row), then the layers depth..L-1 of the new position by state propagation (k/v projections of the
+    depth-``depth`` hidden state, one batched pass per layer over the running rows).
+
+    Args:
+        input_ids: [B, 1] int64. attention_mask: [B, S], S >= cache.length + 1. running: [B] bool.
+        depth: 1 <= depth <= L (L: no propagation).
+
+    Returns:
+        (tokens int64 [B], exit_layer int64 [B]): 0 for rows not running, ``depth`` for the others.
+    """
+    batch, num_layers = input_ids.shape[0], adapter.num_layers
+    r, windows = _prologue(adapter, cache, input_ids, attention_mask, running)
+    k = r.rows.shape[0]
+    h = _run_layers(
+        adapter, range(depth), r.hidden, r.masks, windows, r.pos, (r.cos, r.sin), cache.view(_view_rows(r.rows, batch))
+    )
+    counters.layer_rows += depth * k
+    tokens = torch.zeros(batch, dtype=torch.int64, device=input_ids.device)
+    scatter_rows(tokens, r.rows, full_depth_tokens(adapter, chooser, h[:, -1], counters=counters))
+    for idx in range(depth, num_layers):
+        keys, values = adapter.project_kv(idx, h, r.cos, r.sin)
+        cache.write(idx, r.rows, keys, values)
+    counters.propagated_layer_rows += k * (num_layers - depth)
+    exit_layer = torch.zeros(batch, dtype=torch.int64, device=input_ids.device)
+    scatter_rows(exit_layer, r.rows, torch.full_like(r.rows, depth))
+    return tokens, exit_layer

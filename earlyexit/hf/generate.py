@@ -5,7 +5,8 @@ token is then the input of the first step, so the first generated token goes thr
 checks like every other one. Exact mode (and exit mode without exit layers) prefills the whole
 prompt, as ``model.generate`` does, and takes the first token from that full-depth pass (a draft
 of it would only be verified by the same computation). Finished rows (end of sequence) stop
-computing and are padded, as in ``model.generate``.
+computing and are padded, as in ``model.generate``. Exit mode under a position schedule
+(:func:`generate_schedule`) starts like exit mode and runs a fixed number of layers per position.
 """
 
 import time
@@ -21,6 +22,7 @@ from earlyexit.hf.forward import (
     full_depth_tokens,
     full_forward,
     plain_step,
+    schedule_step,
     verify_forward,
 )
 
@@ -90,6 +92,7 @@ class _Run:
         tok = plain_step(self.adapter, self.cache, input_ids, self.attention_mask, running, chooser, Counters(), fused)
         # The prompt's positions are not generation work; the last one's layers produce a token.
         self.counters.layer_rows += self.adapter.num_layers * int(running.sum())
+        self.counters.head_rows += int(running.sum())
         self.emit(tok[:, None], torch.full_like(tok[:, None], self.adapter.num_layers))
         self.advance(tok[:, None])
 
@@ -164,7 +167,31 @@ def generate_exit(adapter, spec, input_ids, attention_mask, max_new_tokens, eos,
     return run
 
 
-def _accept(chooser, adapter, hidden, drafts, fused):
+def generate_schedule(adapter, input_ids, attention_mask, max_new_tokens, eos, pad, chooser, progress, depths):
+    """Exit mode under a position schedule: generated position t runs ``depths[t]`` layers for every row.
+
+    Like exit mode, the prompt minus its last token is prefilled at full depth and the last prompt
+    token is the input of position 0, which runs ``depths[0]`` layers. Each step is one
+    :func:`~earlyexit.hf.forward.schedule_step` (no exit checks, no compaction); ``depths`` is
+    non-increasing (checked by :func:`earlyexit.schedule.schedule_depths`), so every layer a token runs
+    reads computed cache entries of the earlier tokens only.
+
+    depths: list of max_new_tokens ints in [1, L].
+    """
+    run = _Run(adapter, input_ids, attention_mask, max_new_tokens, eos, pad, progress)
+    t = 0
+    while not run.finished:
+        running = run.unfinished.clone()
+        tokens, layers = schedule_step(
+            adapter, run.cache, run.pending, run.attention_mask, running, depths[t], chooser, run.counters
+        )
+        run.emit(tokens[:, None], layers[:, None])
+        run.advance(tokens[:, None])
+        t += 1
+    return run
+
+
+def _accept(chooser, adapter, hidden, drafts, fused, counters):
     """How many drafts each row accepts, and the token that follows them.
 
     Args:
@@ -182,9 +209,10 @@ def _accept(chooser, adapter, hidden, drafts, fused):
     """
     n = drafts.shape[1]
     if not chooser.do_sample:
-        target = full_depth_tokens(adapter, chooser, hidden.flatten(0, 1), fused).view(hidden.shape[:2])
+        target = full_depth_tokens(adapter, chooser, hidden.flatten(0, 1), fused, counters).view(hidden.shape[:2])
         accepted = (drafts == target[:, :n]).long().cumprod(1).sum(1)
         return accepted, target
+    counters.head_rows += hidden.shape[0] * hidden.shape[1]
     probs = chooser.probs(adapter.logits(hidden))
     p_draft = probs[:, :n].gather(-1, drafts[..., None]).squeeze(-1)
     accepted = (torch.rand_like(p_draft) < p_draft).long().cumprod(1).sum(1)
@@ -218,21 +246,24 @@ def _draft(adapter, spec, run, running, choice):
     """Draft steps of one round at ``choice.depth``.
 
     Returns (drafts: list of int64 [B] kept, states: list of [K, d] after layer E, one per draft
-    step, confidences: min-over-rows probability of each step (float)). A step whose probability
-    is below the threshold ends the round and its draft is dropped; its state (of its input, the
-    last kept token) stays, so the verification needs nothing below E.
+    step, confidences: min-over-rows confidence of each step (float): the draft token's probability,
+    or under measure="state" the state similarity cos(h_E, h_(E-1))). A step whose confidence is
+    below the threshold ends the round and its draft is dropped; its state (of its input, the last
+    kept token) stays, so the verification needs nothing below E.
     """
     depth = choice.depth
+    state = spec.measure == "state"
+    # NaN (an invalid row) counts as the lowest confidence: 0 as a probability, -inf as a similarity.
+    nan = float("-inf") if state else 0.0
     head = spec.heads[spec.exit_layers.index(depth)] if depth in spec.exit_layers else None
     drafts, states, confidences = [], [], []
     pending, am = run.pending, run.attention_mask
     for _ in range(choice.max_tokens):
-        tok, prob, state = draft_step(
-            adapter, run.cache, pending, am, running, depth, head, run.counters, spec.draft_vocab
+        tok, confidence, hidden = draft_step(
+            adapter, run.cache, pending, am, running, depth, head, run.counters, spec.draft_vocab, state
         )
-        states.append(state)
-        # NaN (an invalid row) counts as 0: it never passes a threshold.
-        confidences.append(float(torch.nan_to_num(prob, nan=0.0).min()))
+        states.append(hidden)
+        confidences.append(float(torch.nan_to_num(confidence, nan=nan).min()))
         if confidences[-1] < choice.threshold:
             break
         drafts.append(tok)
@@ -280,7 +311,7 @@ def generate_exact(adapter, spec, input_ids, attention_mask, max_new_tokens, eos
         hidden, rows = verify_forward(
             adapter, run.cache, block, run.ones(n), running, torch.stack(states, 1), choice.depth, c
         )
-        accepted, target = _accept(chooser, adapter, hidden, block[rows, 1:], fused)
+        accepted, target = _accept(chooser, adapter, hidden, block[rows, 1:], fused, c)
         kept = accepted.tolist()
         draft_s, verify_s = _agreed_seconds(group, t1 - t0, _clock(device) - t1)
         policy.observe_round(choice.depth, confidences, n, kept, draft_s, verify_s)
@@ -350,7 +381,8 @@ def _stats(run, spec, mode, seconds, exit_layer):
     negative when more than full depth was computed, as exact mode can), tokens_per_exit_layer
     {k: count} (the exit layers, any other draft depth used, and L = full depth), new_tokens,
     seconds, tokens_per_s, exit_check_time_share, propagated_layer_rows (k/v-only layer
-    computations of state propagation); exact mode also
+    computations of state propagation), head_rows (rows x positions the exit head evaluated: exit
+    checks, drafts, token choice and verification); exact mode also
     acceptance_rate (share of verified drafts equal to the verifier's token, per row),
     full_depth_passes_per_token (verification passes per generated position; plain steps are not
     counted), draft_steps (draft exit checks run), plain_steps, draft_rounds, draft_depth and
@@ -374,6 +406,7 @@ def _stats(run, spec, mode, seconds, exit_layer):
         "tokens_per_s": n_tok / seconds if seconds > 0 else float("inf"),
         "exit_check_time_share": c.exit_check_s / seconds if seconds > 0 else 0.0,
         "propagated_layer_rows": c.propagated_layer_rows,
+        "head_rows": c.head_rows,
     }
     if mode == "exact":
         stats["acceptance_rate"] = c.matched / c.drafted if c.drafted else 0.0
@@ -386,17 +419,35 @@ def _stats(run, spec, mode, seconds, exit_layer):
 
 
 def generate(
-    adapter, spec, input_ids, attention_mask, *, max_new_tokens, mode, eos, pad, chooser, policy=None, progress=None
+    adapter,
+    spec,
+    input_ids,
+    attention_mask,
+    *,
+    max_new_tokens,
+    mode,
+    eos,
+    pad,
+    chooser,
+    policy=None,
+    progress=None,
+    schedule=None,
 ):
     """Run one mode and package sequences, exit layers and statistics as a :class:`GenerateOutput`.
 
     policy: exact mode's draft policy driver (:mod:`~earlyexit.hf.draft_policy`), fresh per call.
     progress: None or a callable receiving the number of positions generated so far, after each one.
+    schedule: None, or exit mode's layers per generated position (a list of max_new_tokens ints,
+    see :func:`generate_schedule`), which replaces the exit checks.
     """
     device = input_ids.device
     t0 = _clock(device)
     with torch.inference_mode():
-        if mode == "exit":
+        if mode == "exit" and schedule is not None:
+            run = generate_schedule(
+                adapter, input_ids, attention_mask, max_new_tokens, eos, pad, chooser, progress, schedule
+            )
+        elif mode == "exit":
             run = generate_exit(adapter, spec, input_ids, attention_mask, max_new_tokens, eos, pad, chooser, progress)
         else:
             run = generate_exact(

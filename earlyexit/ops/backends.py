@@ -32,6 +32,7 @@ _EXTENSION_OPS = {
     "compact": "",
     "partition_rows": "",
     "scatter_rows": "",
+    "state_similarity": "",
 }
 
 

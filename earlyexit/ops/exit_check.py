@@ -14,7 +14,7 @@ from earlyexit.ops import backends
 from earlyexit.ops.exit_stats import exit_stats, finalize_exit_stats, scalar_args, threshold_rows, validate_head
 from earlyexit.ops.exit_types import ExitResult
 from earlyexit.ops.extension import run_extension
-from earlyexit.ops.measures import get_measure
+from earlyexit.ops.measures import get_head_measure
 from earlyexit.ops.reference import exit_check_reference
 
 
@@ -34,7 +34,7 @@ def _empty_outputs(n, device):
 def _run_triton(hidden, weight, threshold, norm_weight, bias, measure, norm_eps, temperature, norm_offset, softcap):
     from earlyexit.triton_kernels.exit_check import HeadArgs, exit_check_triton
 
-    spec = get_measure(measure)
+    spec = get_head_measure(measure)
     out = _empty_outputs(hidden.shape[0], hidden.device)
     head = HeadArgs(norm_weight, bias, norm_eps, norm_offset, softcap, temperature)
     return exit_check_triton(
@@ -109,7 +109,8 @@ def exit_check(
         weight: [V, d], same dtype as hidden (nn.Linear layout, e.g. ``lm_head.weight``).
         threshold: float, or a tensor broadcastable to ``hidden.shape[:-1]`` (per-row thresholds).
         measure: "max_prob" (exit if max_prob >= threshold), "margin" (p1 - p2 >= threshold)
-            or "entropy" (entropy <= threshold, nats).
+            or "entropy" (entropy <= threshold, nats): the head measures. "state" (hidden-state
+            saturation) is no head statistic and raises ValueError: use :func:`earlyexit.state_similarity`.
         norm_weight: [d] RMSNorm weight applied inside the kernel, or None.
         norm_eps: RMSNorm epsilon.
         norm_offset: finite float added to norm_weight in float32: the RMSNorm scale is
@@ -138,7 +139,7 @@ def exit_check(
     validate_head(
         hidden, weight, norm_weight, norm_eps, bias, temperature, norm_offset, softcap, allow_empty_vocab=sharded
     )
-    get_measure(measure)  # ValueError naming the argument
+    get_head_measure(measure)  # ValueError naming the argument
     lead = tuple(hidden.shape[:-1])
     thr = threshold_rows(threshold, lead, hidden.device)
     if sharded:

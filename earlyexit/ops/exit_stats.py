@@ -15,7 +15,7 @@ from earlyexit.ops import backends
 from earlyexit.ops.checks import check_float_dtype, check_same_device, check_shape, check_tensor
 from earlyexit.ops.exit_types import ExitResult, ExitStats
 from earlyexit.ops.extension import run_extension_stats
-from earlyexit.ops.measures import get_measure
+from earlyexit.ops.measures import get_head_measure
 from earlyexit.ops.reference import NO_TOKEN, empty_stats, exit_stats_reference, finalize_stats, merge_stats
 
 
@@ -268,7 +268,7 @@ def finalize_exit_stats(stats, threshold, *, measure="max_prob"):
     """
     if not isinstance(stats, tuple) or len(stats) != len(ExitStats._fields):
         raise ValueError(f"stats: expected an ExitStats, got {type(stats).__name__}")
-    get_measure(measure)
+    get_head_measure(measure)
     lead = tuple(stats[0].shape)
     thr = threshold_rows(threshold, lead, stats[0].device)
     flat = [x.reshape(-1) for x in stats]

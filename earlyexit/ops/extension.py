@@ -6,14 +6,15 @@ temperature, norm_offset, softcap)`` takes the validated 2-D arguments of ``earl
 0.0 for none) with the measure given as its statistic code and exit direction (earlyexit.ops.measures),
 and returns its seven [N] outputs. ``earlyexit_C::exit_stats(hidden, weight, norm_weight, bias, norm_eps,
 temperature, norm_offset, softcap)`` returns the six :class:`earlyexit.ExitStats` fields of the slice
-([N] each; argmax a local column id). Their fake implementations live here so that torch.compile and
-opcheck can trace them without a kernel.
+([N] each; argmax a local column id). ``earlyexit_C::state_similarity(h, h_prev)`` takes the validated
+[N, d] rows of ``earlyexit::state_similarity`` and returns the float32 [N] cosines. Their fake
+implementations live here so that torch.compile and opcheck can trace them without a kernel.
 """
 
 import torch
 
 from earlyexit.ops import backends
-from earlyexit.ops.measures import get_measure
+from earlyexit.ops.measures import get_head_measure
 
 if backends.EXTENSION is not None:
 
@@ -50,10 +51,14 @@ if backends.EXTENSION is not None:
             hidden.new_empty(n, dtype=torch.bool),
         )
 
+    @torch.library.register_fake("earlyexit_C::state_similarity")
+    def _state_similarity_ext_fake(h, h_prev):
+        return h.new_empty(h.shape[0], dtype=torch.float32)
+
 
 def run_extension(hidden, weight, threshold, norm_weight, bias, measure, norm_eps, temperature, norm_offset, softcap):
     """Backends "cpu" and "cuda": the compiled exit check for hidden's device. Returns the seven outputs."""
-    spec = get_measure(measure)
+    spec = get_head_measure(measure)
     scalars = (norm_eps, temperature, norm_offset, softcap)
     return tuple(
         torch.ops.earlyexit_C.exit_check(

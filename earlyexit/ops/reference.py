@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from earlyexit.ops.measures import get_measure
+from earlyexit.ops.measures import get_head_measure
 
 #: Vocabulary columns per chunk of the reference exit check.
 REFERENCE_CHUNK = 8192
@@ -136,7 +136,7 @@ def finalize_stats(stats, threshold, measure):
     nan = torch.full_like(lse, math.nan)
     lse, entropy, max_prob, margin = (torch.where(valid, x, nan) for x in (lse, entropy, max_prob, margin))
     token = torch.where(valid, idx, torch.full_like(idx, -1))
-    spec = get_measure(measure)
+    spec = get_head_measure(measure)
     confidence = {"max_prob": max_prob, "margin": margin, "entropy": entropy}[spec.statistic]
     # confidence is returned beside the statistic it copies: outputs of an op may not alias.
     return token, spec.exits(confidence, threshold) & valid, confidence.clone(), max_prob, margin, entropy, lse
@@ -226,3 +226,50 @@ def partition_rows_reference(keep, tensors, out):
 def scatter_rows_reference(dest, index, src):
     """dest[index] = src in place. dest: [M, ...]; index: [K] int64 in [0, M); src: [K, ...] like dest."""
     dest.index_copy_(0, index, src)
+
+
+# --------------------------------------------------------------------------------------------
+# Hidden-state similarity
+# --------------------------------------------------------------------------------------------
+
+
+def _pow2_factors(amax):
+    """Two float32 powers of two per row, each a normal float, with s1 * s2 * amax in [1, 2).
+
+    amax: [N] float32, finite and > 0 (callers substitute 1 elsewhere). The exponent comes from
+    frexp (subnormals included: amax = m * 2^e, m in [0.5, 1)); the factors are built from their
+    bits, so they are exact on every device. Their product 2^k (k in [-127, 149]) is not always a
+    float32 itself, hence two factors, as in csrc/state_similarity.h.
+    """
+    k = 1 - torch.frexp(amax).exponent
+    k1 = torch.div(k, 2, rounding_mode="floor")
+    return tuple(((e + 127) << 23).to(torch.int32).view(torch.float32) for e in (k1, k - k1))
+
+
+def state_similarity_reference(h, h_prev):
+    """Cosine similarity of two hidden states per row, in float32: the CPU fallback and the test oracle.
+
+    h, h_prev: validated [N, d] float32/float16/bfloat16 (same dtype, d >= 1, rows may be strided).
+    Returns float32 [N]: dot(h, h_prev) / (|h| |h_prev|) clamped to [-1, 1]; NaN where either row holds
+    a NaN or an inf; 0 where either row is all zeros. Each row is first scaled by powers of two (exact)
+    to a largest magnitude in [1, 2), so no square overflows or underflows at any finite magnitude
+    (the kernels take that path only for rows whose one-pass sums leave [2^-60, 2^60]; scaling does not
+    change the cosine). Sync-free: no data-dependent branch.
+    """
+    x, y = h.float(), h_prev.float()
+    ax, ay = x.abs().amax(-1), y.abs().amax(-1)
+    finite = torch.isfinite(x).all(-1) & torch.isfinite(y).all(-1)
+    zero = (ax == 0) | (ay == 0)
+    one = torch.ones_like(ax)
+    ok = finite & ~zero
+    xs, ys = x, y
+    for s in _pow2_factors(torch.where(ok, ax, one)):
+        xs = xs * s[:, None]
+    for s in _pow2_factors(torch.where(ok, ay, one)):
+        ys = ys * s[:, None]
+    dot = (xs * ys).sum(-1)
+    hh = (xs * xs).sum(-1)
+    pp = (ys * ys).sum(-1)
+    cos = (dot / torch.sqrt(torch.where(ok, hh * pp, one))).clamp(-1.0, 1.0)
+    cos = torch.where(zero, torch.zeros_like(cos), cos)
+    return torch.where(finite, cos, torch.full_like(cos, math.nan))

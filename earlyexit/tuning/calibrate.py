@@ -1,7 +1,9 @@
 """Threshold calibration: per-exit-layer thresholds that keep agreement with full depth high.
 
 Teacher-forced on calibration text, each position is scored at every exit layer by the same fused
-exit check generation uses (with the EarlyExitLM's heads and measure). A policy "exit at the first
+exit check generation uses (with the EarlyExitLM's heads and measure; under ``measure="state"`` by
+the similarity of the states after k and k - 1 layers, :func:`earlyexit.state_similarity`, with the
+exit token from the head as generation takes it). A policy "exit at the first
 exit layer whose confidence passes its threshold" is then simulated for candidate thresholds; a
 greedy search lowers thresholds where that saves the most cost per unit of agreement lost, while
 agreement with the full-depth token stays >= the target. The cost is mean layers per token
@@ -13,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from earlyexit.ops import exit_check
-from earlyexit.ops.measures import MEASURE_NAMES, get_measure
+from earlyexit.ops import exit_check, state_similarity
+from earlyexit.ops.measures import HEAD_MEASURE_NAMES, get_measure
 from earlyexit.tuning.teacher_forcing import collect_states
 from earlyexit.tuning.text_data import token_windows
 
@@ -110,25 +112,40 @@ def _from_score(score, measure):
 def exit_scores(eem, data, *, tokenizer=None, seq_len=128, max_tokens=8192, progress=True):
     """Score every position of ``data`` at every exit layer of ``eem`` (teacher-forced). Returns ExitScores."""
     windows = token_windows(data, seq_len, tokenizer=tokenizer, max_tokens=max_tokens)
-    states, final = collect_states(eem.model, eem.exit_layers, windows, desc="calibration states", progress=progress)
+    previous = get_measure(eem.measure).source == "state"  # it compares the states after k and k - 1 layers
+    states, final = collect_states(
+        eem.model, eem.exit_layers, windows, desc="calibration states", progress=progress, previous=previous
+    )
     return exit_scores_from_states(eem, states, final)
 
 
 def exit_scores_from_states(eem, states, final, chunk=4096):
     """:func:`exit_scores` on states already collected (see :func:`earlyexit.tuning.teacher_forcing.collect_states`).
 
-    Every exit layer of ``eem`` must be a key of ``states``; ``final`` [T, d] is the lm_head input.
+    Every exit layer of ``eem`` must be a key of ``states`` (under ``measure="state"`` every k - 1 too:
+    ``collect_states(..., previous=True)``); ``final`` [T, d] is the lm_head input.
     """
     return exit_scores_by_measure(eem, states, final, (eem.measure,), chunk)[eem.measure]
 
 
 @torch.no_grad()
-def exit_scores_by_measure(eem, states, final, measures=MEASURE_NAMES, chunk=4096):
+def exit_scores_by_measure(eem, states, final, measures=HEAD_MEASURE_NAMES, chunk=4096):
     """{measure: ExitScores} for several measures from one exit check per position and exit layer.
 
-    The fused exit check returns max_prob, margin and entropy together, so sweeping the measures
-    costs one pass over the head, not one per measure.
+    The fused exit check returns max_prob, margin and entropy together, so sweeping the head measures
+    costs one pass over the head, not one per measure. "state" reads cos(h_k, h_(k-1)) of the raw
+    states (before any adapter; ``states`` must then hold every k - 1 too) and shares the exit tokens:
+    a row exiting at k takes the head's token there under every measure.
+    Raises ValueError for an unknown measure or states missing a layer "state" needs.
     """
+    sources = {m: get_measure(m).source for m in measures}
+    state = "state" in sources.values()
+    missing = sorted({k - 1 for k in eem.exit_layers} - set(states)) if state else []
+    if missing:
+        raise ValueError(
+            f"states: the state measure compares the states after k and k - 1 layers, but layers {missing} "
+            "are missing (collect them with collect_states(..., previous=True))"
+        )
     head = eem.adapter.exit_head
     dtype, device = head["weight"].dtype, head["weight"].device
     # The full model's tokens from its lm_head input (``final`` is after the final norm): the same head
@@ -147,11 +164,14 @@ def exit_scores_by_measure(eem, states, final, measures=MEASURE_NAMES, chunk=409
         tok = []
         for i in range(0, final.shape[0], chunk):
             h = states[k][i : i + chunk].to(device, dtype)
+            # The similarity of the raw states, as generation decides: an adapter only shapes the token.
+            similarity = state_similarity(h, states[k - 1][i : i + chunk].to(device, dtype)).cpu() if state else None
             if adapter is not None:
                 h = adapter(h)
             r = exit_check(h, threshold=0.0, **head)
             for m in measures:
-                stats[m].append(getattr(r, get_measure(m).statistic).cpu())
+                head_stat = sources[m] == "head"
+                stats[m].append(getattr(r, get_measure(m).statistic).cpu() if head_stat else similarity)
             tok.append(r.token.cpu())
         for m in measures:
             scores[m].append(_to_score(torch.cat(stats[m]), m))
@@ -255,7 +275,14 @@ def _check_costs(costs, eem):
         return
     if not isinstance(costs, CostModel):
         raise ValueError(f"costs: expected None or a CostModel (earlyexit.measure_costs), got {type(costs).__name__}")
-    missing = sorted(set(eem.exit_layers) - set(costs.exit_check))
+    state = get_measure(eem.measure).source == "state"
+    if eem.exit_layers and state != bool(costs.exit_token):
+        raise ValueError(
+            f"costs: measured for {'the state measure' if costs.exit_token else 'the head measures'}, but eem's "
+            f"measure is {eem.measure!r} (measure them with earlyexit.measure_costs(eem))"
+        )
+    measured = set(costs.exit_check) & set(costs.exit_token) if state else set(costs.exit_check)
+    missing = sorted(set(eem.exit_layers) - measured)
     if costs.num_layers != eem.num_layers or missing:
         raise ValueError(
             f"costs: measured for {costs.num_layers} layers and exit layers {sorted(costs.exit_check)}, "

@@ -2,7 +2,8 @@
 
 Every time is measured by calling the pieces generation runs (:class:`~earlyexit.hf.model_adapter.ModelAdapter`
 layers and k/v projections on a :class:`~earlyexit.hf.cache.RowCache`, the fused exit check through each
-exit layer's head) on random hidden states of the model's width, on the model's own device and dtype.
+exit layer's head; under ``measure="state"`` the state similarity and, apart, the head on an exiting row)
+on random hidden states of the model's width, on the model's own device and dtype.
 Calibration (:func:`earlyexit.calibrate` with ``objective="time"``) uses it to weigh layers saved against
 exit checks paid.
 """
@@ -10,13 +11,14 @@ exit checks paid.
 import statistics
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from earlyexit.hf.attention_mask import build_masks, position_ids
 from earlyexit.hf.cache import RowCache
-from earlyexit.ops import exit_check
+from earlyexit.ops import exit_check, state_similarity
+from earlyexit.ops.measures import get_measure
 
 #: model -> {measurement key: CostModel}; entries go with the model.
 _CACHE = weakref.WeakKeyDictionary()
@@ -41,10 +43,16 @@ class CostModel:
         rows: the measured row counts, increasing.
         layer: one decoder layer on one new position per row, over a cache of ``context`` positions.
         head: the fused exit check over the shared head (final norm + lm_head), as full depth chooses tokens.
-        exit_check: {exit layer: the exit check there, through that layer's head}.
+        exit_check: {exit layer: the exit check there, through that layer's head}; under the state measure
+            the decision only (state similarity of the rows, read by the host), which every row reaching
+            the layer pays.
         propagate: state propagation of one layer (k/v projection and cache write).
         verify_position: one more position of one layer in a verification block (marginal).
         num_layers, context, device, dtype: what was measured.
+        exit_token: {exit layer: the exit token of the rows exiting there, beyond the exit check}: the
+            layer's head (adapter, then the fused check over the shared head) on those rows only, which
+            the state measure pays where a row exits; empty (no cost) for the head measures, whose exit
+            check gives the token.
     Each timing attribute holds one value per entry of ``rows``; the ``*_s`` methods interpolate.
     """
 
@@ -58,6 +66,7 @@ class CostModel:
     context: int
     device: str
     dtype: str
+    exit_token: dict = field(default_factory=dict)
 
     def layer_s(self, rows=1):
         """Seconds of one decoder layer for ``rows`` rows."""
@@ -73,6 +82,13 @@ class CostModel:
             raise ValueError(f"layer: {layer!r} is not a measured exit layer ({sorted(self.exit_check)})")
         return _at(self.rows, self.exit_check[layer], rows)
 
+    def exit_token_s(self, layer, rows=1):
+        """Seconds of the exit token of ``rows`` rows exiting at ``layer``, beyond its exit check (0 where
+        the check gives the token: the head measures)."""
+        if layer not in self.exit_token:
+            return 0.0
+        return _at(self.rows, self.exit_token[layer], rows)
+
     def propagate_s(self, rows=1):
         """Seconds of state propagation of one layer for ``rows`` rows."""
         return _at(self.rows, self.propagate, rows)
@@ -82,8 +98,10 @@ class CostModel:
         return _at(self.rows, self.verify_position, rows)
 
     def __str__(self):
-        names = ["layer", "head", *(f"check@{k}" for k in self.exit_check), "propagate", "verify+1"]
-        cols = [self.layer, self.head, *self.exit_check.values(), self.propagate, self.verify_position]
+        names = ["layer", "head", *(f"check@{k}" for k in self.exit_check)]
+        names += [*(f"token@{k}" for k in self.exit_token), "propagate", "verify+1"]
+        cols = [self.layer, self.head, *self.exit_check.values(), *self.exit_token.values()]
+        cols += [self.propagate, self.verify_position]
         width = max(10, *(len(n) + 1 for n in names))
         lines = [
             f"CostModel ({self.device}, {self.dtype}, {self.num_layers} layers, context {self.context}), "
@@ -186,6 +204,17 @@ class _Bench:
 
         return _median_time(step, repeats, a.device)
 
+    def state_s(self, threshold, repeats):
+        """Median seconds of the state measure's exit check: the similarity of two states per row and the
+        decision, read by the host (no head)."""
+        a = self.adapter
+        h, before = self.hidden(1)[:, 0], self.hidden(1)[:, 0]
+
+        def step():
+            int((state_similarity(h, before) >= threshold).sum())  # the host reads how many rows exit
+
+        return _median_time(step, repeats, a.device)
+
 
 def _check_batch_sizes(batch_sizes):
     ok = isinstance(batch_sizes, (tuple, list)) and len(batch_sizes) > 0
@@ -205,7 +234,7 @@ def measure_costs(eem, *, batch_sizes=(1, 4, 8), context=256, repeats=5):
         repeats: timed calls per figure (median, after one warm-up call).
     Returns:
         :class:`CostModel`, cached: the same object again for the same model, device, dtype, exit layers
-        and heads, and arguments.
+        and heads, measure kind (head or state), and arguments.
     Raises:
         ValueError: bad batch_sizes, context or repeats.
     """
@@ -214,6 +243,7 @@ def measure_costs(eem, *, batch_sizes=(1, 4, 8), context=256, repeats=5):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
     a = eem.adapter
+    state = get_measure(eem.measure).source == "state"
     key = (
         str(a.device),
         a.dtype,
@@ -222,6 +252,7 @@ def measure_costs(eem, *, batch_sizes=(1, 4, 8), context=256, repeats=5):
         repeats,
         tuple(eem.exit_layers),
         tuple(id(h) for h in eem.heads),
+        state,
     )
     per_model = _CACHE.setdefault(eem.model, {})
     if key in per_model:
@@ -230,14 +261,22 @@ def measure_costs(eem, *, batch_sizes=(1, 4, 8), context=256, repeats=5):
     q = eem.draft_tokens + 1  # a verification block: the pending token and the drafts
     fig = {"layer": [], "head": [], "propagate": [], "verify": []}
     checks = {k: [] for k in eem.exit_layers}
+    tokens = {k: [] for k in eem.exit_layers} if state else {}
     for rows in rows_list:
         bench = _Bench(a, rows, context, gen)
         fig["layer"].append(bench.layers_s(1, repeats))
         head = bench.check_s(None, 1.0, "max_prob", repeats)
         fig["head"].append(head)
+        similarity = bench.state_s(0.5, repeats) if state else None  # the same check at every exit layer
         for k, h, t in zip(eem.exit_layers, eem.heads, eem.thresholds):
-            # Without an adapter the exit check is the head's computation: one figure for both.
-            checks[k].append(head if h is None else bench.check_s(h, t, eem.measure, repeats))
+            if not state:
+                # Without an adapter the exit check is the head's computation: one figure for both.
+                checks[k].append(head if h is None else bench.check_s(h, t, eem.measure, repeats))
+                continue
+            # The similarity decides at every exit layer; an exiting row then pays its head for the token
+            # (without an adapter, the full-depth head's figure).
+            checks[k].append(similarity)
+            tokens[k].append(head if h is None else bench.check_s(h, 1.0, "max_prob", repeats))
         fig["propagate"].append(bench.propagate_s(repeats))
         # The marginal position, measured over a whole block so it stands above timer noise.
         extra = bench.layers_s(2 * q, repeats) - bench.layers_s(q, repeats)
@@ -254,6 +293,7 @@ def measure_costs(eem, *, batch_sizes=(1, 4, 8), context=256, repeats=5):
         context=context,
         device=str(a.device),
         dtype=str(a.dtype).replace("torch.", ""),
+        exit_token={k: tuple(v) for k, v in tokens.items()},
     )
     per_model[key] = costs
     return costs

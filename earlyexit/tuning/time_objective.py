@@ -4,8 +4,9 @@ A policy keeps some exit layers with a threshold each. Its expected time per tok
 step (batch size 1 by default), from teacher-forced :class:`~earlyexit.tuning.calibrate.ExitScores` and a
 :class:`~earlyexit.tuning.costs.CostModel`:
 
-- a token exiting at kept layer k pays k layers, the exit checks of the kept layers up to k, and L - k
-  layers of state propagation;
+- a token exiting at kept layer k pays k layers, the exit checks of the kept layers up to k, its exit
+  token beyond the check there (the head on its row under the state measure, whose checks are the
+  similarity only; nothing for the head measures) and L - k layers of state propagation;
 - a token running full depth pays L layers, every kept exit check and the full-depth head.
 
 Per-token costs at ``rows`` rows are the cost model's time for ``rows`` rows divided by ``rows`` (this
@@ -61,8 +62,12 @@ def token_costs(costs, exit_layers, kept, num_layers, rows=1):
         [costs.exit_check_s(k, rows) / rows if j in kept else 0.0 for j, k in enumerate(exit_layers)],
         dtype=torch.float64,
     )
+    exit_tokens = torch.tensor(
+        [costs.exit_token_s(k, rows) / rows if j in kept else 0.0 for j, k in enumerate(exit_layers)],
+        dtype=torch.float64,
+    )
     depth = torch.tensor(exit_layers, dtype=torch.float64)
-    exit_s = checks.cumsum(0) + depth * layer + (num_layers - depth) * prop
+    exit_s = checks.cumsum(0) + exit_tokens + depth * layer + (num_layers - depth) * prop
     full_s = float(checks.sum()) + num_layers * layer + costs.head_s(rows) / rows
     return exit_s, full_s
 
