@@ -96,9 +96,9 @@ def bench_model(name, model, device, batches, rates, new_tokens, repeats, prompt
                 eem = EarlyExitLM(
                     model, [exit_layer], threshold=thr, measure="state" if label.startswith("state") else "max_prob"
                 )
-            # eos -1 never occurs: every row decodes exactly new_tokens tokens, as model.generate with min_new_tokens.
+            # No end of sequence: every row decodes exactly new_tokens tokens, as model.generate with min_new_tokens.
             runners[label] = lambda eem=eem, mode=mode, ids=ids: eem.generate(
-                ids, max_new_tokens=new_tokens, mode=mode, eos_token_id=-1
+                ids, max_new_tokens=new_tokens, mode=mode, eos_token_id=[]
             )
         timed = timed_rounds(runners, device, repeats)
         greedy = timed["hf-generate"][0][:, prompt_len:]

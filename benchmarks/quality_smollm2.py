@@ -20,6 +20,7 @@ Usage: python benchmarks/quality_smollm2.py [--adapters DIR] [--steps N] [--toke
 """
 
 import argparse
+import dataclasses
 import os
 import platform
 import sys
@@ -45,25 +46,33 @@ def split_windows(tokenizer, texts, tokens, seq_len=128):
     return token_windows(texts, seq_len, tokenizer=tokenizer, max_tokens=tokens)
 
 
-def signal_costs(model, heads):
-    """{"head": CostModel, "state": CostModel} measured now at batch 1 (head measures share one)."""
-    return {
-        kind: measure_costs(EarlyExitLM(model, EXIT_LAYERS, heads=heads, measure=measure), batch_sizes=(1,))
-        for kind, measure in (("head", "max_prob"), ("state", "state"))
-    }
+def signal_costs(model, heads_by_name):
+    """({(head name, "head" or "state"): CostModel}, the shared CostModel) measured now at batch 1.
+
+    What every signal pays alike (a decoder layer, the full-depth head, state propagation) comes from one
+    measurement, the shared head's, so that timing noise between measurements cannot favour a signal;
+    each signal's own exit checks (and the state measure's exit tokens) come from its own measurement.
+    """
+    out, base = {}, None
+    for name, heads in heads_by_name.items():
+        for kind, measure in (("head", "max_prob"), ("state", "state")):
+            eem = EarlyExitLM(model, EXIT_LAYERS, heads=heads, measure=measure)
+            cost = measure_costs(eem, batch_sizes=(1,), repeats=9)
+            base = base or cost
+            out[name, kind] = dataclasses.replace(cost, layer=base.layer, head=base.head, propagate=base.propagate)
+    return out, base
 
 
-def curves(model, heads_by_name, calib, held):
+def curves(model, heads_by_name, costs, calib, held):
     """Rows of (head, measure, target, calibration/held-out agreement, mean layers, expected ms per token)."""
     rows = []
     for head_name, heads in heads_by_name.items():
         eem = EarlyExitLM(model, EXIT_LAYERS, heads=heads)
-        costs = signal_costs(model, heads)
         cal_by_measure = exit_scores_by_measure(eem, *calib, MEASURES)
         held_by_measure = exit_scores_by_measure(eem, *held, MEASURES)
         for measure in MEASURES:
             cal_scores, held_scores = cal_by_measure[measure], held_by_measure[measure]
-            cost = costs["state" if measure == "state" else "head"]
+            cost = costs[head_name, "state" if measure == "state" else "head"]
             per_layer = held_scores.correct.float().mean(1).tolist()
             for target in TARGETS:
                 thr = choose_thresholds(cal_scores, target)
@@ -82,15 +91,14 @@ def curves(model, heads_by_name, calib, held):
                         thresholds=[round(t, 4) for t in test.thresholds],
                         per_layer_agreement=per_layer,
                         ms_per_token=seconds * 1e3,
-                        full_ms=costs["head"].head_s(1) * 1e3
-                        + model.config.num_hidden_layers * costs["head"].layer_s(1) * 1e3,
+                        full_ms=(cost.head_s(1) + model.config.num_hidden_layers * cost.layer_s(1)) * 1e3,
                     )
                 )
                 print(f"{head_name:8s} {measure:8s} target {target:.3f}: held-out {test}, {seconds * 1e3:.2f} ms/token")
     return rows
 
 
-def schedule_rows(model, tokenizer, calib_texts, held_texts, tokens):
+def schedule_rows(model, tokenizer, calib_texts, held_texts, tokens, cost):
     """Rows for SkipDecode schedules: the steepest of calibrate_schedule's family meeting each target on the
     calibration split, evaluated on the held-out split; expected time from the measured layer, head and
     propagation costs (a schedule has no checks)."""
@@ -99,7 +107,6 @@ def schedule_rows(model, tokenizer, calib_texts, held_texts, tokens):
     cal = layer_agreement(eem, calib_texts, tokenizer=tokenizer, max_tokens=tokens)
     held = layer_agreement(eem, held_texts, tokenizer=tokenizer, max_tokens=tokens)
     family = schedule_family(L, cal.positions)
-    cost = signal_costs(model, None)["head"]
     layer_s, prop_s, head_s = cost.layer_s(1), cost.propagate_s(1), cost.head_s(1)
     rows = []
     for target in TARGETS:
@@ -250,6 +257,7 @@ def write_markdown(rows, path, meta):
                 f"- {head}, {measure}: {r['agreement']:.2%} at {r['mean_layers']:.2f} layers "
                 f"({r['layer_fraction']:.1%}): {verdict}."
             )
+    lines += ["", "## The cost models (measured in this run)", "", "```", meta["costs"], "```"]
     lines += ["", "![agreement vs layers and vs time](quality_smollm2.png)", ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))
@@ -286,8 +294,10 @@ def main(argv=None):
         how = f"trained here in {time.time() - t0:.0f} s ({settings})"
     calib = collect_states(model, EXIT_LAYERS, split_windows(tokenizer, calib_texts, args.tokens), previous=True)
     held = collect_states(model, EXIT_LAYERS, split_windows(tokenizer, held_texts, args.tokens), previous=True)
-    rows = curves(model, {"shared": None, "adapters": adapters}, calib, held)
-    rows += schedule_rows(model, tokenizer, calib_texts, held_texts, args.tokens)
+    heads_by_name = {"shared": None, "adapters": adapters}
+    costs, base = signal_costs(model, heads_by_name)
+    rows = curves(model, heads_by_name, costs, calib, held)
+    rows += schedule_rows(model, tokenizer, calib_texts, held_texts, args.tokens, base)
     os.makedirs(args.out, exist_ok=True)
     meta = dict(
         date=time.strftime("%Y-%m-%d"),
@@ -298,6 +308,7 @@ def main(argv=None):
         held_tokens=held[1].shape[0],
         adapters=how,
         prompt_len=32,
+        costs="\n\n".join(f"{name}, {kind} measures:\n{c}" for (name, kind), c in costs.items()),
     )
     write_markdown(rows, os.path.join(args.out, "quality_smollm2.md"), meta)
     plot(rows, os.path.join(args.out, "quality_smollm2.png"))
