@@ -7,7 +7,7 @@
 #
 # Steps run in order of value, so a run cut short still leaves the most important evidence: build,
 # memcheck, racecheck, GPU tests (-m gpu; CI runs the CPU suites), SASS, exit-check benchmark, ncu,
-# then the compaction and generation benchmarks. Every step has a time limit; the limits add up to the
+# then the compaction, state-similarity and generation benchmarks. Every step has a time limit; the limits add up to the
 # budget, and a step is cut to what is left of it. A step that runs out gets SIGINT (pytest prints its
 # summary, Python its traceback), then SIGKILL 10 s later.
 #
@@ -73,7 +73,7 @@ step env 10 $PY -m earlyexit.env
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
 # Instrument earlyexit's own kernels only (CUDA: namespace earlyexit; Triton: the kernel names), not
 # torch's or cuBLAS': faster, and every report is ours. An older sanitizer without the filter runs all.
-SAN_FILTER=(--kernel-regex "kns=earlyexit|exit_check_kernel|compaction_kernel|scatter_rows_kernel")
+SAN_FILTER=(--kernel-regex "kns=earlyexit|exit_check_kernel|compaction_kernel|scatter_rows_kernel|state_similarity_kernel")
 if [ -n "$SANITIZER" ] && ! "$SANITIZER" "${SAN_FILTER[@]}" true >/dev/null 2>&1; then
   echo "sanitizer        kernel filter not supported: every kernel is instrumented" >>"$SUMMARY"
   SAN_FILTER=()
@@ -88,7 +88,7 @@ fi
 # CI runs the CPU suites. faulthandler prints every thread's stack if one test hangs for a minute.
 step tests 100 $PY -m pytest -v -rs -o faulthandler_timeout=60 -m gpu tests
 step sass 15 $PY -m pytest -q -rs tests/test_cuda_sass.py
-step bench_exit 70 $PY benchmarks/bench_exit_check.py --set reduced --out "$LOGS"
+step bench_exit 60 $PY benchmarks/bench_exit_check.py --set reduced --out "$LOGS"
 # Hardware counters of the decode kernels at the real head size (where ncu can read them). The report goes
 # to a file as it is measured, so a cut-short run keeps what it has; the text view is made from it.
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
@@ -101,6 +101,8 @@ if [ -n "$NCU" ]; then
     >"$LOGS/ncu_details.txt" 2>&1
 fi
 step bench_compaction 20 $PY benchmarks/bench_compaction.py --quick --out "$LOGS"
+# Confirms (or changes) the CUDA "auto" rule of state_similarity, unmeasured until a GPU run.
+step bench_state 10 $PY benchmarks/bench_state_similarity.py --device cuda --out "$LOGS"
 step bench_generate 35 $PY benchmarks/bench_generate.py --quick --out "$LOGS"
 
 # The results file to commit as benchmarks/results/<gpu-name>.md.
@@ -124,7 +126,7 @@ GPU=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_')
   [ -f "$LOGS/ncu_details.txt" ] && { echo; echo "## ncu (decode kernels, d=4096 V=128256 bf16)"
     grep -E '^  [a-zA-Z_]+.*(exit_check_kernel|decode)|DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy|Registers Per|==PROF==|ERR' \
       "$LOGS/ncu_details.txt" | head -n 80; }
-  for log in bench_exit bench_compaction bench_generate; do
+  for log in bench_exit bench_compaction bench_state bench_generate; do
     [ -f "$LOGS/$log.log" ] && { echo; echo "## $log"; grep -v '^wrote ' "$LOGS/$log.log" | tail -n 90; }
   done
   echo '```'

@@ -85,6 +85,7 @@ def _step_of(call):
         (r"bench_exit_check\.py", "bench_exit"),
         (r"^ncu .*ncu_exit_check\.py", "ncu"),
         (r"bench_compaction\.py", "bench_compaction"),
+        (r"bench_state_similarity\.py", "bench_state"),
         (r"bench_generate\.py", "bench_generate"),
     ]:
         if re.search(pattern, call):
@@ -110,6 +111,7 @@ def test_steps_run_in_order_of_value_and_write_the_results_file(tmp_path):
         "bench_exit",
         "ncu",
         "bench_compaction",
+        "bench_state",
         "bench_generate",
     ]
     results = (out / "FAKE_GPU.md").read_text()
@@ -126,7 +128,8 @@ def test_sanitizers_filter_to_our_kernels_and_ncu_writes_a_report(tmp_path):
     sanitizer = [c for c in calls if c.startswith("compute-sanitizer --tool")]
     assert len(sanitizer) == 2
     for c in sanitizer:
-        assert "--kernel-regex kns=earlyexit|exit_check_kernel|compaction_kernel|scatter_rows_kernel" in c, c
+        kernels = "kns=earlyexit|exit_check_kernel|compaction_kernel|scatter_rows_kernel|state_similarity_kernel"
+        assert f"--kernel-regex {kernels}" in c, c
         assert c.endswith("benchmarks/sanitize_cuda.py"), c
     ncu = [c for c in calls if c.startswith("ncu ") and "ncu_exit_check.py" in c]
     assert len(ncu) == 1 and " -o " in ncu[0] and "--clock-control none" in ncu[0]
