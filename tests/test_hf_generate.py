@@ -237,20 +237,28 @@ def test_propagated_cache(model, batch):
     exit_at = out.exit_layer[:, 0]
     assert sorted(exit_at.tolist()) == sorted([EXITS[0], EXITS[1], L]), exit_at
 
+    assert_first_step_cache(model, out, exit_at, hidden, hf_cache, pos)
+
+
+def assert_first_step_cache(model, out, exit_at, hidden, hf_cache, pos):
+    """Every layer's cache entry at the first generated step's position (the prompt's last, T - 1) of each
+    row is the model's own below the row's exit layer ``exit_at[r]`` and the state propagation of its exit
+    hidden state from there on. hidden, hf_cache, pos: :func:`_first_step_states` of the prompts."""
+    t = hidden[0].shape[1] - 1
     with torch.no_grad():
-        for r in range(3):
+        for r in range(exit_at.shape[0]):
             k = int(exit_at[r])
             h = hidden[k][r : r + 1, -1:]
             cos, sin = model.model.rotary_emb(h, pos[r : r + 1, -1:])
-            for idx in range(L):
-                keys = out.cache.layers[idx].keys[r, :, T - 1]
-                values = out.cache.layers[idx].values[r, :, T - 1]
+            for idx in range(len(model.model.layers)):
+                keys = out.cache.layers[idx].keys[r, :, t]
+                values = out.cache.layers[idx].values[r, :, t]
                 assert keys.abs().sum() > 0 and values.abs().sum() > 0, f"row {r} layer {idx}: empty entry"
                 if idx < k:  # computed by the layer itself: as in the model's own cache
-                    want_k = hf_cache.layers[idx].keys[r, :, T - 1]
-                    want_v = hf_cache.layers[idx].values[r, :, T - 1]
+                    want_k = hf_cache.layers[idx].keys[r, :, t]
+                    want_v = hf_cache.layers[idx].values[r, :, t]
                 else:  # skipped: state propagation of the exit hidden state
-                    want_k, want_v = (t[0] for t in _propagated(model, idx, h, cos, sin))
+                    want_k, want_v = (x[0] for x in _propagated(model, idx, h, cos, sin))
                 torch.testing.assert_close(keys, want_k, rtol=1e-5, atol=1e-5)
                 torch.testing.assert_close(values, want_v, rtol=1e-5, atol=1e-5)
 

@@ -13,7 +13,11 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
-from test_hf_generate import _first_step_states, _propagated, assert_cache_is_the_models_own  # noqa: E402
+from test_hf_generate import (  # noqa: E402
+    _first_step_states,
+    assert_cache_is_the_models_own,
+    assert_first_step_cache,
+)
 from tiny_models import left_padded_batch, random_ids, tiny_causal_lm  # noqa: E402
 
 import earlyexit  # noqa: E402
@@ -112,21 +116,9 @@ def test_middle_threshold_splits_rows_and_propagates_the_cache(model, batch):
 
     with torch.no_grad():
         for r in range(3):
-            k = int(exit_at[r])
-            h = hidden[k][r : r + 1, -1:]
-            token = model.lm_head(model.model.norm(h[:, -1])).argmax(-1)
-            assert int(out.sequences[r, T]) == int(token), f"row {r}"
-            cos, sin = model.model.rotary_emb(h, pos[r : r + 1, -1:])
-            for idx in range(L):
-                keys = out.cache.layers[idx].keys[r, :, T - 1]
-                values = out.cache.layers[idx].values[r, :, T - 1]
-                if idx < k:  # computed by the layer itself: as in the model's own cache
-                    want_k = hf_cache.layers[idx].keys[r, :, T - 1]
-                    want_v = hf_cache.layers[idx].values[r, :, T - 1]
-                else:  # skipped: state propagation of the exit hidden state
-                    want_k, want_v = (t[0] for t in _propagated(model, idx, h, cos, sin))
-                torch.testing.assert_close(keys, want_k, rtol=1e-5, atol=1e-5)
-                torch.testing.assert_close(values, want_v, rtol=1e-5, atol=1e-5)
+            h = hidden[int(exit_at[r])][r, -1]
+            assert int(out.sequences[r, T]) == int(model.lm_head(model.model.norm(h)).argmax(-1)), f"row {r}"
+    assert_first_step_cache(model, out, exit_at, hidden, hf_cache, pos)
     # The head ran once per token: the exiting row at its exit layer, the others at full depth.
     assert out.stats["head_rows"] == out.stats["new_tokens"]
     # The masking-only reference path takes the same decisions and tokens.
