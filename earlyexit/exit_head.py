@@ -35,15 +35,22 @@ from earlyexit.ops.measures import get_head_measure
 _SHARD_KEYS = ("group", "vocab_start", "vocab_size")
 
 
+def _reject_nan_entries(threshold):
+    """ValueError if the tensor ``threshold`` holds a NaN (reads it on the host)."""
+    if bool(torch.isnan(threshold).any()):
+        raise ValueError("threshold: expected numbers, got NaN entries (no row could ever be compared with them)")
+
+
 def _check_stored_threshold(threshold, device):
     """A validated threshold to keep: a float, or a real tensor without NaN (checked once, here)."""
     # threshold_rows' own checks (type, dtype, device; a NaN float), on the tensor's own shape: the batch
     # it must broadcast to is known only per call, where exit_check checks it.
     lead = tuple(threshold.shape) if isinstance(threshold, torch.Tensor) else ()
     rows = threshold_rows(threshold, lead, device)
-    if isinstance(threshold, torch.Tensor) and threshold.numel() and bool(torch.isnan(rows).any()):
-        raise ValueError("threshold: expected numbers, got NaN entries (no row could ever be compared with them)")
-    return threshold if isinstance(threshold, torch.Tensor) else float(threshold)
+    if isinstance(threshold, torch.Tensor):
+        _reject_nan_entries(rows)
+        return threshold
+    return float(threshold)
 
 
 class ExitHead(nn.Module):
@@ -163,12 +170,9 @@ class ExitHead(nn.Module):
         if threshold is None:
             threshold = self._threshold
         elif (
-            isinstance(threshold, torch.Tensor)
-            and threshold.device.type == "cpu"
-            and not torch.compiler.is_compiling()
-            and bool(torch.isnan(threshold).any())
+            isinstance(threshold, torch.Tensor) and threshold.device.type == "cpu" and not torch.compiler.is_compiling()
         ):
-            raise ValueError("threshold: expected numbers, got NaN entries (no row could ever be compared with them)")
+            _reject_nan_entries(threshold)
         return exit_check(
             hidden,
             self.weight,
