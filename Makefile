@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Rebuild the editable install when the build inputs change (the C++ extension is compiled in place).
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
 
-.PHONY: install test demo bench lint format env clean
+.PHONY: install test compat demo bench lint format env clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ install: $(VENV)/.installed
 
 test: install $(VENV)/.smollm2
 	$(PY) -m pytest -q -rs tests
+
+# The Triton kernels' tests on the ends of the supported triton range (.ci/compat says more).
+compat: install
+	.ci/compat
 
 demo: install $(VENV)/.smollm2
 	$(PY) -m earlyexit demo

@@ -181,9 +181,9 @@ setup(
     ],
     package_dir={"earlyexit": "earlyexit", "earlyexit.triton_kernels": "triton_kernels"},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.11", "numpy"],
     extras_require={
-        "triton": ["triton>=3.0; platform_system == 'Linux'"],
+        "triton": ["triton>=3.6; platform_system == 'Linux'"],
         "test": ["pytest", "ruff"],
         "bench": ["matplotlib"],
         # EarlyExitLM and the SmolLM2 demo (the cache layer API needs transformers >= 4.56). The model file

@@ -100,6 +100,26 @@ def test_build_info_is_truthful():
     assert backends.auto_backend("cpu") == "cpu"
 
 
+@pytest.mark.parametrize(
+    ("triton_version", "numpy_version", "broken"),
+    [
+        ("3.6.0", "2.4.6", True),
+        ("3.5.1+git3e1f", "2.5.0rc1", True),
+        ("3.6.0", "2.3.5", False),
+        ("3.7.1", "2.4.6", False),
+        ("3.10.0", "2.4.0", False),
+    ],
+)
+def test_interpreter_reason_names_the_numpy_bound(triton_version, numpy_version, broken):
+    # Triton 3.6's interpreter raises a TypeError in every kernel under numpy 2.4 (seen with both
+    # installed); the backend must say so instead of failing at the first launch.
+    reason = backends.interpreter_reason(triton_version, numpy_version)
+    if broken:
+        assert triton_version in reason and numpy_version in reason and "numpy<2.4" in reason
+    else:
+        assert reason is None
+
+
 @needs_ext
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 def test_opcheck_cpp_op(dtype):

@@ -6,6 +6,7 @@ traceable by torch.compile: dynamo then sees plain dictionary lookups, never an 
 
 import importlib
 import os
+import re
 
 import torch
 
@@ -22,6 +23,26 @@ def _probe_triton():
     except Exception as e:  # ImportError, or a broken install raising something else
         return None, f"triton is not importable ({type(e).__name__}: {e})"
     return triton.__version__, None
+
+
+def interpreter_reason(triton_version, numpy_version):
+    """Why the Triton interpreter of ``triton_version`` cannot run beside ``numpy_version``, or None.
+
+    Triton before 3.7 converts 1-element numpy arrays to Python ints inside the interpreter (program
+    ids, loop bounds); numpy 2.4 turned that long-deprecated conversion into a TypeError, so every
+    kernel fails at its first loop. The GPU compiler is not affected.
+    """
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (
+            f"triton {triton_version}'s interpreter fails on numpy {numpy_version} (a TypeError in every "
+            "kernel): use numpy<2.4 or triton>=3.7"
+        )
+    return None
+
+
+def _release(version):
+    """(major, minor) of a version string such as "3.6.0+git1234" or "2.4.0rc1"."""
+    return tuple(int(re.match(r"\d+", part).group()) for part in version.split(".")[:2])
 
 
 #: What the Python side calls in the extension: an older build (an editable install whose csrc changed
@@ -49,6 +70,11 @@ def _probe_extension():
 
 
 TRITON_VERSION, _TRITON_REASON = _probe_triton()
+_INTERPRETER_REASON = (
+    interpreter_reason(TRITON_VERSION, importlib.import_module("numpy").__version__)
+    if TRITON_INTERPRET and TRITON_VERSION
+    else None
+)
 CUDA_AVAILABLE = torch.cuda.is_available()
 #: The imported earlyexit._C module (its import registers torch.ops.earlyexit_C), or None if not built.
 EXTENSION, _EXT_REASON = _probe_extension()
@@ -78,11 +104,9 @@ def unavailable_reason(backend, device_type):
         if device_type == "cuda":
             return None
         if device_type == "cpu":
-            return (
-                None
-                if TRITON_INTERPRET
-                else "triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before import)"
-            )
+            if not TRITON_INTERPRET:
+                return "triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before import)"
+            return _INTERPRETER_REASON
         return f"triton does not support device type {device_type!r}"
     if backend == "cpu":
         if EXTENSION is None:
