@@ -31,7 +31,7 @@ install: $(VENV)/.installed
 test: install $(VENV)/.smollm2
 	$(PY) -m pytest -q -rs tests
 
-# The Triton kernels' tests on the ends of the supported triton range (.ci/compat says more).
+# The ends of the supported triton range and the GPU machine's transformers (.ci/compat says more).
 compat: install
 	.ci/compat
 

@@ -155,7 +155,10 @@ def _layer_cache_entry(model, idx, h, pos):
     else:
         cos_sin = rotary(h, pos)
     cache = transformers.DynamicCache()
-    model.model.layers[idx](h, attention_mask=None, position_ids=pos, position_embeddings=cos_sin, cache=cache)
+    layer = model.model.layers[idx]
+    # The cache argument's name depends on the transformers version (older ones: past_key_values).
+    cache_kw = {ModelAdapter._cache_kwarg(layer): cache}
+    layer(h, attention_mask=None, position_ids=pos, position_embeddings=cos_sin, **cache_kw)
     return cache.layers[idx].keys[0, :, -1], cache.layers[idx].values[0, :, -1]
 
 
