@@ -58,6 +58,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --f
   echo "ninja: $(command -v ninja || echo 'not on PATH')"
   $PY -c "import ninja; print('python ninja', ninja.__version__)" 2>&1 | tail -n 1
   $PY -c "import torch, triton; print(f'torch {torch.__version__} CUDA {torch.version.cuda} triton {triton.__version__}')"
+  # The packages the lanes of .ci/compat pin (README, "Supported versions"): what this run stands for.
+  $PY -c "from importlib.metadata import version as v; print(*(f'{n} {v(n)}' for n in ('numpy', 'transformers')))" 2>&1 | tail -n 1
 } >"$LOGS/toolchain.txt" 2>&1
 cat "$LOGS/toolchain.txt"
 grep -q "not on PATH" "$LOGS/toolchain.txt" && echo "toolchain        WARNING: ninja missing, the build compiles serially" >>"$SUMMARY"
