@@ -138,13 +138,19 @@ def load_model(path=None, *, dtype=None, device=None):
         raise ValueError(f"model: {path}: cannot load its weights ({_first_line(e)})") from None
     if dtype is not None or device is not None:
         model = model.to(device=device, dtype=dtype)
+    pad_on_the_left(model, tokenizer)
+    return LoadedModel(model, tokenizer, os.path.basename(path) or path, path)
+
+
+def pad_on_the_left(model, tokenizer):
+    """Make a batch of prompts paddable: the tokenizer pads on the left, with its eos token where it has no
+    pad token, and the model's generation config gets the tokenizer's pad id where it has none. In place."""
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     gen = model.generation_config
     if gen.pad_token_id is None and tokenizer.pad_token_id is not None:
         gen.pad_token_id = tokenizer.pad_token_id
-    return LoadedModel(model, tokenizer, os.path.basename(path) or path, path)
 
 
 def default_exit_layers(num_layers):

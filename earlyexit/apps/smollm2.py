@@ -26,16 +26,19 @@ def gguf_path():
 
 
 def load_smollm2(dtype=None, device=None):
-    """(model, tokenizer) of SmolLM2-135M-Instruct, model in eval mode; the tokenizer pads on the left.
+    """(model, tokenizer) of SmolLM2-135M-Instruct, model in eval mode; the tokenizer pads on the left
+    (with its eos token where it has no pad token: transformers 5.17 reads none from the GGUF file).
 
     dtype: torch dtype to cast to (the GGUF is dequantized to float32); device: where to move it.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from earlyexit.apps.model_loading import pad_on_the_left
+
     folder, name = gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name).eval()
     if dtype is not None or device is not None:
         model = model.to(device=device, dtype=dtype)
+    pad_on_the_left(model, tokenizer)
     return model, tokenizer
