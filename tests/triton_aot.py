@@ -50,7 +50,8 @@ _FLOAT_ARGS = ("eps", "temperature", "norm_offset", "softcap")
 _DIVISIBLE = set(_PTR) | {"H", "W", "BIAS", "NORM_W", "D", "V", "stride_h", "stride_w"}
 
 
-def compile_exit_check(dtype, n_rows, arch, d=4096, v=128256):
+def compile_exit_check(dtype, n_rows, arch, d=4096, v=128256, **variant):
+    """The exit-check kernel compiled for ``arch``; ``variant`` overrides constexprs (head variants)."""
     import torch
 
     tdtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype])
@@ -70,6 +71,7 @@ def compile_exit_check(dtype, n_rows, arch, d=4096, v=128256):
         # The widest merge tile a GPU launch uses (over 64 splits at decode sizes): it must not spill either.
         MERGE_BLOCK=64,
     )
+    constexprs.update(variant)
     names = exit_check_kernel.arg_names
     signature = {}
     for name in names:
@@ -133,14 +135,32 @@ def resource_usage(kernel):
 #: wgmma-sized path, and float32.
 QUICK = [("bf16", 1, 90), ("bf16", 64, 90), ("bf16", 1, 80), ("fp32", 32, 90)]
 FULL = [(dt, n, arch) for arch in (80, 90) for dt in ("bf16", "fp16", "fp32") for n in (1, 32, 64, 1024)]
+#: Head variants a GPU run compiles beside the default (max_prob, norm and bias, exit_check): each
+#: constexpr branch once, at the decode size on Hopper in bf16 (and fp16 once), so that a GPU-compiler
+#: error in a branch shows here rather than in the one GPU run.
+VARIANTS = {
+    "exit_stats": dict(STATS_ONLY=True),
+    "softcap": dict(HAS_SOFTCAP=True),
+    "margin": dict(STATISTIC=1),
+    "entropy": dict(STATISTIC=2, EXIT_ABOVE=False),
+    "no_norm_no_bias": dict(HAS_NORM=False, HAS_BIAS=False),
+}
+
+
+def _record(kernel, cfg, **fields):
+    rec = dict(kernel="exit_check", **fields, **ptx_features(kernel.asm["ptx"]))
+    rec.update(block_n=cfg["BLOCK_N"], shared=kernel.metadata.shared, usage=resource_usage(kernel))
+    return rec
 
 
 def main(argv):
     for dtype, n_rows, arch in FULL if "--full" in argv else QUICK:
         kernel, cfg = compile_exit_check(dtype, n_rows, arch)
-        rec = dict(kernel="exit_check", arch=arch, dtype=dtype, n_rows=n_rows, **ptx_features(kernel.asm["ptx"]))
-        rec.update(block_n=cfg["BLOCK_N"], shared=kernel.metadata.shared, usage=resource_usage(kernel))
-        print(json.dumps(rec), flush=True)
+        print(json.dumps(_record(kernel, cfg, arch=arch, dtype=dtype, n_rows=n_rows, variant="default")), flush=True)
+    for dtype in ("bf16", "fp16"):
+        for name, variant in VARIANTS.items() if dtype == "bf16" else [("softcap", VARIANTS["softcap"])]:
+            kernel, cfg = compile_exit_check(dtype, 1, 90, **variant)
+            print(json.dumps(_record(kernel, cfg, arch=90, dtype=dtype, n_rows=1, variant=name)), flush=True)
 
 
 if __name__ == "__main__":
