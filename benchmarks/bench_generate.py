@@ -9,7 +9,9 @@ for 50%; the head runs only where a row exits) and a SkipDecode position schedul
 layer over the generated tokens (no exit checks at all). CPU: SmolLM2-135M (float32), the same sweep
 at batch 1 and 4.
 
-Reported per row: decode tokens/s and mean step time; the realized step-time saving against
+Reported per row: the mean decode step time (a call's time minus that of a one-token call with the same
+prompt, over the new tokens but the first: the prompt's prefill and the first token, reported beside it,
+do not dilute the step), decode tokens/s from it; the realized step-time saving against
 model.generate (full depth) next to the ideal saving from the layers skipped (exit rate x share of
 layers after the exit); the share of step time spent in exit checks; for exact mode, the
 acceptance rate; for every row, the share of generated tokens equal to model.generate's at the same
@@ -66,6 +68,12 @@ def threshold_for_rate(model, exit_layer, rate, vocab, device, measure="max_prob
     return torch.quantile(scores[torch.isfinite(scores)], 1 - rate).item()
 
 
+def decode_step(timed, label, new_tokens):
+    """(seconds per decode step, seconds of the prefill and first token) of runner ``label`` in ``timed``."""
+    first = timed[label + " (1 token)"][1]
+    return max(timed[label][1] - first, 0.0) / (new_tokens - 1), first
+
+
 def bench_model(name, model, device, batches, rates, new_tokens, repeats, prompt_len=32):
     rows = []
     layers = model.config.num_hidden_layers
@@ -76,10 +84,10 @@ def bench_model(name, model, device, batches, rates, new_tokens, repeats, prompt
     schedule = SkipDecodeSchedule(layers, exit_layer, horizon=new_tokens - 1)
     for batch in batches:
         ids = torch.randint(1, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(batch)).to(device)
-        runners = {
-            "hf-generate": lambda ids=ids: model.generate(
-                ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
-            )
+        # Each runner makes (n tokens -> output); it is timed at new_tokens and at 1 token: the difference
+        # is new_tokens - 1 decode steps, without the prompt's prefill and the first token.
+        makers = {
+            "hf-generate": lambda n, ids=ids: model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
         }
         configs = [("ee-full", 2.0, "exit", None)] + [
             (f"exit@{r:.0%}", thresholds[r], "exit", r) for r in rates if r > 0
@@ -96,14 +104,18 @@ def bench_model(name, model, device, batches, rates, new_tokens, repeats, prompt
                 eem = EarlyExitLM(
                     model, [exit_layer], threshold=thr, measure="state" if label.startswith("state") else "max_prob"
                 )
-            # No end of sequence: every row decodes exactly new_tokens tokens, as model.generate with min_new_tokens.
-            runners[label] = lambda eem=eem, mode=mode, ids=ids: eem.generate(
-                ids, max_new_tokens=new_tokens, mode=mode, eos_token_id=[]
+            # No end of sequence: every row decodes exactly n tokens, as model.generate with min_new_tokens.
+            makers[label] = lambda n, eem=eem, mode=mode, ids=ids: eem.generate(
+                ids, max_new_tokens=n, mode=mode, eos_token_id=[]
             )
+        runners = {}
+        for label, make in makers.items():
+            runners[label] = lambda make=make: make(new_tokens)
+            runners[label + " (1 token)"] = lambda make=make: make(1)
         timed = timed_rounds(runners, device, repeats)
+
         greedy = timed["hf-generate"][0][:, prompt_len:]
-        base_s = timed["hf-generate"][1]
-        base_step = base_s / new_tokens
+        base_step, base_first = decode_step(timed, "hf-generate", new_tokens)
         rows.append(
             dict(
                 model=name,
@@ -112,15 +124,16 @@ def bench_model(name, model, device, batches, rates, new_tokens, repeats, prompt
                 target_rate=None,
                 exit_rate=0.0,
                 step_ms=base_step * 1e3,
-                tokens_per_s=batch * new_tokens / base_s,
+                prefill_ms=base_first * 1e3,
+                tokens_per_s=batch / base_step,
                 agreement=1.0,
             )
         )
         for label, _, mode, rate in configs:
-            out, secs = timed[label]
+            out = timed[label][0]
             stats = out.stats
             exited = stats["tokens_per_exit_layer"].get(exit_layer, 0) / max(stats["new_tokens"], 1)
-            step = secs / new_tokens
+            step, first = decode_step(timed, label, new_tokens)
             # The layers not run, as a share of full depth (the schedule's exits are at every depth).
             ideal = 1 - stats["mean_layers_per_token"] / layers
             rows.append(
@@ -131,7 +144,8 @@ def bench_model(name, model, device, batches, rates, new_tokens, repeats, prompt
                     target_rate=rate,
                     exit_rate=exited,
                     step_ms=step * 1e3,
-                    tokens_per_s=batch * new_tokens / secs,
+                    prefill_ms=first * 1e3,
+                    tokens_per_s=batch / step if step > 0 else None,
                     saving=1 - step / base_step,
                     ideal_saving=ideal if mode == "exit" else None,
                     step_vs_full=step / base_step,
@@ -154,6 +168,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds (the median is reported)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     args = p.parse_args(argv)
+    if args.new_tokens is not None and args.new_tokens < 2:
+        p.error(f"--new-tokens: at least 2 (a step is the call's time minus a one-token call's), got {args.new_tokens}")
     device = torch.device(args.device)
     env = environment(device)
     rows = []
@@ -181,7 +197,8 @@ def main(argv=None):
         )
     for r in rows:
         r.update(env)
-    cols = ["model", "batch", "mode", "exit_rate", "step_ms", "tokens_per_s", "saving", "ideal_saving", "step_vs_full"]
+    cols = ["model", "batch", "mode", "exit_rate", "step_ms", "prefill_ms", "tokens_per_s", "saving", "ideal_saving"]
+    cols += ["step_vs_full"]
     print(format_table(rows, cols + ["exit_check_share", "acceptance", "agreement", "head_rows_per_token"]))
     stem = f"generate_{env['device']}_torch{env['torch']}".replace("+", "_")
     write_csv(os.path.join(args.out, stem + ".csv"), rows)
