@@ -23,11 +23,13 @@ if not dist.is_available() or not dist.is_gloo_available():
 
 from tiny_models import tiny_causal_lm  # noqa: E402
 
+from earlyexit.ops.backends import _release  # noqa: E402
+
 WORLD = 2
 L = 6
 EXITS = [2, 4]
 # transformers 5.21 accepted uneven colwise shards (before, from_pretrained raised "must be divisible").
-_UNEVEN_SHARDS = tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (5, 21)
+_UNEVEN_SHARDS = _release(transformers.__version__) >= (5, 21)
 VOCAB = 301 if _UNEVEN_SHARDS else 300
 NEW = 12
 DEADLINE_S = 120
