@@ -195,8 +195,11 @@ def test_propagated_cache(model, batch):
                     want_v = hf_cache.layers[idx].values[r, :, -1]
                 else:  # skipped: state propagation of the exit hidden state
                     want_k, want_v = _layer_cache_entry(model, idx, h, pos[r : r + 1, -1:])
-                torch.testing.assert_close(keys, want_k, rtol=1e-5, atol=1e-5, msg=f"row {r} layer {idx}")
-                torch.testing.assert_close(values, want_v, rtol=1e-5, atol=1e-5, msg=f"row {r} layer {idx}")
+                # Both sides are float32 sums over differently shaped GEMMs (the loop's compacted rows, the
+                # oracle's one row), whose BLAS kernels depend on the CPU: round-off of the entry's scale.
+                for got, want in ((keys, want_k), (values, want_v)):
+                    atol = 1e-5 * max(1.0, float(want.abs().max()))
+                    torch.testing.assert_close(got, want, rtol=1e-5, atol=atol, msg=f"row {r} layer {idx}")
 
 
 def test_adapter_reads_each_familys_differences():
