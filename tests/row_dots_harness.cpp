@@ -8,6 +8,15 @@ void rd_f32(const float* x, int64_t n, int64_t d, const float* w, int64_t ldw, i
 void rd_bf16(const float* x, int64_t n, int64_t d, const uint16_t* w, int64_t ldw, int64_t nc, float* z) {
   earlyexit::cpu::row_dots_bf16(x, n, d, w, ldw, nc, z);
 }
+void rd_bf16_widen(const float* x, int64_t n, int64_t d, const uint16_t* w, int64_t ldw, int64_t nc, float* z) {
+  earlyexit::cpu::row_dots_bf16_widen(x, n, d, w, ldw, nc, z);
+}
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+int rd_bf16_pairs_available() { return earlyexit::cpu::row_dots_bf16_pairs_available(); }
+void rd_bf16_pairs(const float* x, int64_t n, int64_t d, const uint16_t* w, int64_t ldw, int64_t nc, float* z) {
+  earlyexit::cpu::row_dots_bf16_pairs(x, n, d, w, ldw, nc, z);
+}
+#endif
 void rd_f16(const float* x, int64_t n, int64_t d, const uint16_t* w, int64_t ldw, int64_t nc, float* z) {
   earlyexit::cpu::row_dots_f16(x, n, d, w, ldw, nc, z);
 }

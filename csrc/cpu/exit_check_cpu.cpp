@@ -4,13 +4,13 @@
 //
 // Work is split into tasks (row block x vocabulary chunk) run by at::parallel_for. Each task computes the
 // chunk's logits into a per-thread [rows, chunk] float32 buffer of ~256 KiB that stays in L2 (row_dots.cpp
-// for up to 8 rows, where the GEMM is memory-bound; above that the optimized BLAS GEMM through at::mm_out,
-// which inside a parallel region runs on the calling thread), then reduces each row of it to RowStats
-// (chunk_stats.cpp). Bytes moved from memory per call: V*d*elt for the weight
-// (read once per row block; one row block up to kRowBlock rows), N*d*4 for the normalized rows; the
-// logits never leave the cache. row_dots reads a bf16/fp16 weight in its own dtype (widened in registers);
-// the GEMM path upcasts each bf16/fp16 weight chunk first. Extra memory: per thread rows*chunk floats
-// (+ chunk*d floats for that upcast above 8 rows), plus N * n_chunks RowStats for the partials.
+// for up to 8 rows, where the GEMM is memory-bound, and for any number of rows of a bf16 head on CPUs with
+// AVX512-BF16; otherwise the optimized BLAS GEMM through at::mm_out, which inside a parallel region runs on
+// the calling thread), then reduces each row of it to RowStats (chunk_stats.cpp). Bytes moved from memory
+// per call: V*d*elt for the weight (read once per row block; one row block up to kRowBlock rows), N*d*4 for
+// the normalized rows; the logits never leave the cache. row_dots reads a bf16/fp16 weight in its own
+// dtype; the GEMM path upcasts each bf16/fp16 weight chunk first. Extra memory: per thread rows*chunk
+// floats (+ chunk*d floats for that upcast), plus N * n_chunks RowStats for the partials.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/core/GradMode.h>
@@ -87,6 +87,8 @@ void row_stats(const ExitArgs& a, const Write& write) {
   const int64_t rows = std::min(n, kRowBlock), cols = chunk_columns(rows);
   const int64_t row_blocks = (n + rows - 1) / rows, chunks = (v + cols - 1) / cols;
   const bool upcast = a.weight.scalar_type() != at::kFloat;
+  const int64_t dots_max_rows =
+      a.weight.scalar_type() == at::kBFloat16 ? cpu::row_dots_bf16_max_rows() : cpu::kRowDotsMaxRows;
   const bool bias_f32 = a.bias && a.bias->scalar_type() == at::kFloat;
   const float temperature = static_cast<float>(a.temperature), softcap = static_cast<float>(a.softcap);
   std::vector<RowStats> parts(chunks * n);
@@ -98,7 +100,7 @@ void row_stats(const ExitArgs& a, const Write& write) {
     // at::parallel_for does not carry it to its worker threads, so the guard is set here, per thread.
     const c10::NoGradGuard no_grad;
     at::Tensor zbuf = at::empty({rows * cols}, x.options());
-    at::Tensor wbuf = upcast && rows > cpu::kRowDotsMaxRows ? at::empty({cols, d}, x.options()) : at::Tensor();
+    at::Tensor wbuf = upcast && rows > dots_max_rows ? at::empty({cols, d}, x.options()) : at::Tensor();
     at::Tensor bbuf = (a.bias && !bias_f32) ? at::empty({cols}, x.options()) : at::Tensor();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task / row_blocks, rb = task % row_blocks;
@@ -107,8 +109,8 @@ void row_stats(const ExitArgs& a, const Write& write) {
       at::Tensor w = a.weight.narrow(0, v0, nc);
       at::Tensor z = zbuf.narrow(0, 0, nr * nc).view({nr, nc});
       const float* xr = x.const_data_ptr<float>() + r0 * d;
-      if (nr <= cpu::kRowDotsMaxRows) {
-        // The weight in its own dtype, widened in registers: no upcast copy, half the bytes for bf16/fp16.
+      if (nr <= dots_max_rows) {
+        // The weight in its own dtype: no upcast copy, half the bytes for bf16/fp16.
         const auto wt = w.scalar_type();
         const auto* w16 = static_cast<const uint16_t*>(w.const_data_ptr());
         if (wt == at::kBFloat16) {

@@ -1,6 +1,8 @@
 // Decode-regime head GEMM on CPU. See row_dots.h; the kernels are in row_dots_impl.h.
 #include "cpu/row_dots.h"
 
+#include <cstdint>
+
 #include "cpu/multiversion.h"
 #include "cpu/row_dots_impl.h"
 
@@ -12,10 +14,30 @@ EE_MULTIVERSION void row_dots(const float* x, int64_t n, int64_t d, const float*
   row_dots_impl<F32>(x, n, d, w, ldw, nc, z);
 }
 
-EE_MULTIVERSION void row_dots_bf16(const float* x, int64_t n, int64_t d, const uint16_t* w, int64_t ldw,
-                                   int64_t nc, float* z) {
+EE_MULTIVERSION void row_dots_bf16_widen(const float* x, int64_t n, int64_t d, const uint16_t* w, int64_t ldw,
+                                         int64_t nc, float* z) {
   row_dots_impl<BF16>(x, n, d, w, ldw, nc, z);
 }
+
+namespace {
+bool use_bf16_pairs() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  static const bool pairs = row_dots_bf16_pairs_available();
+  return pairs;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+void row_dots_bf16(const float* x, int64_t n, int64_t d, const uint16_t* w, int64_t ldw, int64_t nc, float* z) {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  if (use_bf16_pairs()) return row_dots_bf16_pairs(x, n, d, w, ldw, nc, z);
+#endif
+  row_dots_bf16_widen(x, n, d, w, ldw, nc, z);
+}
+
+int64_t row_dots_bf16_max_rows() { return use_bf16_pairs() ? INT64_MAX : kRowDotsMaxRows; }
 
 EE_MULTIVERSION void row_dots_f16_portable(const float* x, int64_t n, int64_t d, const uint16_t* w, int64_t ldw,
                                            int64_t nc, float* z) {

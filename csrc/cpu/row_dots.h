@@ -19,10 +19,27 @@ constexpr int64_t kRowDotsMaxRows = 8;
 // (runtime pick).
 void row_dots(const float* x, int64_t n, int64_t d, const float* w, int64_t ldw, int64_t nc, float* z);
 
-// The same with a bfloat16 / float16 weight (raw 16-bit patterns): each weight element is widened to
-// float32 in registers (exactly), so 2*d*nc bytes stream from memory and no upcast copy is made.
+// The same with a bfloat16 / float16 weight (raw 16-bit patterns): 2*d*nc bytes stream from memory and no
+// upcast copy is made. float16 weights are widened to float32 in registers (exactly). bfloat16: x must hold
+// bfloat16 values (exit_check_cpu rounds the normalized rows to the weight dtype, as the reference does);
+// the products are then exact in float32 on either of the two paths row_dots_bf16 picks at run time.
 void row_dots_bf16(const float* x, int64_t n, int64_t d, const uint16_t* w, int64_t ldw, int64_t nc, float* z);
 void row_dots_f16(const float* x, int64_t n, int64_t d, const uint16_t* w, int64_t ldw, int64_t nc, float* z);
+
+// Most rows row_dots_bf16 is given: kRowDotsMaxRows on the widening path; any number on the bf16-pair path,
+// which outruns the upcast-and-GEMM path there (in groups of 8 rows over a cache-resident weight chunk).
+int64_t row_dots_bf16_max_rows();
+
+// The two bfloat16 paths, exposed for tests: widening each weight to float32 (any CPU, any float32 x), or
+// AVX512-BF16's bf16-pair dot products (row_dots_avx512bf16.cpp), which round x to bfloat16 (nearest even)
+// and, as that instruction does, read bf16 subnormals as zero and flush subnormal results.
+void row_dots_bf16_widen(const float* x, int64_t n, int64_t d, const uint16_t* w, int64_t ldw, int64_t nc,
+                         float* z);
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+bool row_dots_bf16_pairs_available();
+void row_dots_bf16_pairs(const float* x, int64_t n, int64_t d, const uint16_t* w, int64_t ldw, int64_t nc,
+                         float* z);
+#endif
 
 // The two float16 paths row_dots_f16 picks from at run time: F16C conversions (x86-64 with AVX2, FMA and
 // F16C: row_dots_f16c.cpp) or portable vector bit manipulation (any CPU). Exposed for tests.

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace earlyexit {
 namespace cpu {
@@ -16,6 +17,17 @@ typedef float Vec8 __attribute__((vector_size(32)));
 typedef uint16_t U16x8 __attribute__((vector_size(16)));
 typedef uint32_t U32x8 __attribute__((vector_size(32)));
 constexpr int kLanes = 8;
+
+// Each weight load also prefetches a line at least this far ahead: without it the loops leave too few
+// reads in flight to stream the weight from memory at its rate (benchmarks/results/cpu_exit_check.md,
+// 2026-12-02).
+constexpr int64_t kPrefetchBytes = 8192;
+
+// The prefetch distance for J weight rows read side by side, `span` = J * ldw * element bytes apart
+// per group: kPrefetchBytes rounded up to whole groups, so that a row's prefetch lands on the line the
+// same row of a later group reads (the rows of a chunk are one stream when ldw == d), never on a line
+// of the group being read.
+inline int64_t prefetch_ahead(int64_t span) { return (kPrefetchBytes + span - 1) / span * span; }
 
 // Weight element formats (load8: 8 elements as float32 into v; load1: one): the weight streams from memory in its own dtype (2 bytes for bf16/fp16, half
 // the traffic of an upcast copy) and is widened to float32 in registers; the widening is exact.
@@ -83,11 +95,13 @@ __attribute__((always_inline)) inline void dot_group(const float* x, int64_t d, 
     for (int r = 0; r < R; ++r) acc[j][r] = Vec8{};
   }
   const int64_t body = d - d % kLanes;
+  const int64_t ahead = prefetch_ahead(J * ldw * static_cast<int64_t>(sizeof(typename W::elem)));
   for (int64_t k = 0; k < body; k += kLanes) {
 #pragma GCC unroll 8
     for (int j = 0; j < J; ++j) {
       Vec8 wv, xv;  // loaded through out-parameters: no function returns a Vec8 (psABI)
       W::load8(w + j * ldw + k, wv);
+      __builtin_prefetch(reinterpret_cast<const char*>(w + j * ldw + k) + ahead);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         std::memcpy(&xv, x + r * d + k, sizeof(xv));
@@ -116,26 +130,32 @@ __attribute__((always_inline)) inline void dot_rows_fixed(const float* x, int64_
   for (; j < nc; ++j) dot_group<W, R, 1>(x, d, w + j * ldw, ldw, z + j, nc);
 }
 
-// Groups of 8 rows, then the remainder (n <= kRowDotsMaxRows; more groups would re-read each weight
-// row from L1, not memory).
+// Calls rows(std::integral_constant<int, R>{}, r0) for each group of 8 rows from r0 = 0, then once for the
+// remaining R < 8 rows: a fixed-size kernel instantiation per R (n <= kRowDotsMaxRows; more groups would
+// re-read each weight row from L1, not memory).
+template <typename Rows>
+__attribute__((always_inline)) inline void for_row_groups(int64_t n, const Rows& rows) {
+  int64_t r0 = 0;
+  for (; r0 + 8 <= n; r0 += 8) rows(std::integral_constant<int, 8>{}, r0);
+  switch (n - r0) {
+    case 7: rows(std::integral_constant<int, 7>{}, r0); break;
+    case 6: rows(std::integral_constant<int, 6>{}, r0); break;
+    case 5: rows(std::integral_constant<int, 5>{}, r0); break;
+    case 4: rows(std::integral_constant<int, 4>{}, r0); break;
+    case 3: rows(std::integral_constant<int, 3>{}, r0); break;
+    case 2: rows(std::integral_constant<int, 2>{}, r0); break;
+    case 1: rows(std::integral_constant<int, 1>{}, r0); break;
+    default: break;
+  }
+}
+
 template <typename W>
 __attribute__((always_inline)) inline void row_dots_impl(const float* x, int64_t n, int64_t d,
                                                          const typename W::elem* w, int64_t ldw, int64_t nc,
                                                          float* z) {
-  int64_t r0 = 0;
-  for (; r0 + 8 <= n; r0 += 8) dot_rows_fixed<W, 8>(x + r0 * d, d, w, ldw, nc, z + r0 * nc);
-  const float* xr = x + r0 * d;
-  float* zr = z + r0 * nc;
-  switch (n - r0) {
-    case 7: dot_rows_fixed<W, 7>(xr, d, w, ldw, nc, zr); break;
-    case 6: dot_rows_fixed<W, 6>(xr, d, w, ldw, nc, zr); break;
-    case 5: dot_rows_fixed<W, 5>(xr, d, w, ldw, nc, zr); break;
-    case 4: dot_rows_fixed<W, 4>(xr, d, w, ldw, nc, zr); break;
-    case 3: dot_rows_fixed<W, 3>(xr, d, w, ldw, nc, zr); break;
-    case 2: dot_rows_fixed<W, 2>(xr, d, w, ldw, nc, zr); break;
-    case 1: dot_rows_fixed<W, 1>(xr, d, w, ldw, nc, zr); break;
-    default: break;
-  }
+  for_row_groups(n, [&](auto rows, int64_t r0) {
+    dot_rows_fixed<W, decltype(rows)::value>(x + r0 * d, d, w, ldw, nc, z + r0 * nc);
+  });
 }
 
 }  // namespace
