@@ -18,6 +18,7 @@ import time
 import torch
 
 from earlyexit.ops.measures import get_measure
+from earlyexit.timing import synchronized_clock
 
 PROMPTS = [
     "What is the capital of France?",
@@ -319,12 +320,10 @@ def run_demo(
     out.write(f"Generating {len(prompts)} prompts x {max_new_tokens} new tokens as one batch:\n")
     bar = _Progress("model.generate (full)", max_new_tokens, out)
     bar(0)
-    t0 = time.perf_counter()
+    t0 = synchronized_clock(device)
     with torch.inference_mode():
         ref = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    ref_s = time.perf_counter() - t0
+    ref_s = synchronized_clock(device) - t0
     bar.finish(ref_s)
     ref_tokens = generated_tokens(ref, prompt_len, pad)
     n_ref = sum(len(r) for r in ref_tokens)

@@ -1,22 +1,18 @@
 """The kernel demo: the fused exit check on a real-sized LM head, checked against the reference."""
 
-import time
-
 import torch
 
 from earlyexit.ops import backends, exit_check
+from earlyexit.timing import synchronized_clock
 
 
 def _time(fn, device, reps):
+    """Mean ms per call of ``reps`` back-to-back calls (after a warm-up call)."""
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
+    t0 = synchronized_clock(device)
     for _ in range(reps):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - t0) / reps * 1e3
+    return (synchronized_clock(device) - t0) / reps * 1e3
 
 
 def kernel_demo(device=None, rows=(1, 8, 64), threshold=0.5, out=print):

@@ -9,7 +9,6 @@ computing and are padded, as in ``model.generate``. Exit mode under a position s
 (:func:`generate_schedule`) starts like exit mode and runs a fixed number of layers per position.
 """
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +24,7 @@ from earlyexit.hf.forward import (
     schedule_step,
     verify_forward,
 )
+from earlyexit.timing import synchronized_clock
 
 
 @dataclass
@@ -225,13 +225,6 @@ def _accept(chooser, adapter, hidden, drafts, fused, counters):
     return accepted, target.scatter(1, accepted[:, None], torch.multinomial(p_next, 1))
 
 
-def _clock(device):
-    """perf_counter after the device's queued work (the call's and the draft policy's round timings)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
 def _agreed_seconds(group, *seconds):
     """Round timings as the draft policy sees them: with a vocabulary-sharded head (``group``, tensor
     parallelism) the max over the ranks, so that every rank makes the same choices in lock step."""
@@ -296,16 +289,16 @@ def generate_exact(adapter, spec, input_ids, attention_mask, max_new_tokens, eos
     while not run.finished:
         running = run.unfinished.clone()
         choice = policy.choose(run.remaining() - 1)
-        t0 = _clock(device)
+        t0 = synchronized_clock(device)
         if choice.depth is None:
             tok = plain_step(adapter, run.cache, run.pending, run.attention_mask, running, chooser, c, fused)
-            policy.observe_plain(*_agreed_seconds(group, _clock(device) - t0))
+            policy.observe_plain(*_agreed_seconds(group, synchronized_clock(device) - t0))
             run.rounds.append((None, 0))
             run.emit(tok[:, None], torch.full((batch, 1), num_layers, dtype=torch.int64, device=device))
             run.advance(tok[:, None])
             continue
         drafts, states, confidences = _draft(adapter, spec, run, running, choice)
-        t1 = _clock(device)
+        t1 = synchronized_clock(device)
         n = len(drafts)
         block = torch.cat([run.pending] + [d[:, None] for d in drafts], dim=1)  # [B, n + 1]
         hidden, rows = verify_forward(
@@ -313,7 +306,7 @@ def generate_exact(adapter, spec, input_ids, attention_mask, max_new_tokens, eos
         )
         accepted, target = _accept(chooser, adapter, hidden, block[rows, 1:], fused, c)
         kept = accepted.tolist()
-        draft_s, verify_s = _agreed_seconds(group, t1 - t0, _clock(device) - t1)
+        draft_s, verify_s = _agreed_seconds(group, t1 - t0, synchronized_clock(device) - t1)
         policy.observe_round(choice.depth, confidences, n, kept, draft_s, verify_s)
         run.rounds.append((choice, n))
         c.verify_passes += 1
@@ -441,7 +434,7 @@ def generate(
     see :func:`generate_schedule`), which replaces the exit checks.
     """
     device = input_ids.device
-    t0 = _clock(device)
+    t0 = synchronized_clock(device)
     with torch.inference_mode():
         if mode == "exit" and schedule is not None:
             run = generate_schedule(
@@ -453,7 +446,7 @@ def generate(
             run = generate_exact(
                 adapter, spec, input_ids, attention_mask, max_new_tokens, eos, pad, chooser, policy, progress
             )
-    seconds = _clock(device) - t0
+    seconds = synchronized_clock(device) - t0
     tokens, exit_layer = run.outputs()
     sequences = torch.cat([input_ids, tokens], dim=1)
     stats = _stats(run, spec, mode, seconds, exit_layer)

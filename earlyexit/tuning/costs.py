@@ -8,8 +8,6 @@ Calibration (:func:`earlyexit.calibrate` with ``objective="time"``) uses it to w
 exit checks paid.
 """
 
-import statistics
-import time
 import weakref
 from dataclasses import dataclass, field
 
@@ -19,6 +17,7 @@ from earlyexit.hf.attention_mask import build_masks, position_ids
 from earlyexit.hf.cache import RowCache
 from earlyexit.ops import exit_check, state_similarity
 from earlyexit.ops.measures import get_measure
+from earlyexit.timing import median_seconds
 
 #: model -> {measurement key: CostModel}; entries go with the model.
 _CACHE = weakref.WeakKeyDictionary()
@@ -115,24 +114,6 @@ class CostModel:
     __repr__ = __str__
 
 
-def _median_time(fn, repeats, device):
-    """Median seconds of ``fn()`` over ``repeats`` calls, after one warm-up call."""
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 class _Bench:
     """Inputs of ``rows`` rows decoding after ``context`` cached positions (zeros: values do not change the time)."""
 
@@ -172,7 +153,7 @@ class _Bench:
             for idx in range(a.num_layers):
                 x = a.run_layer(idx, x, masks[a.windows[idx]], pos, cos_sin, view)
 
-        t = _median_time(step, repeats, a.device)
+        t = median_seconds(step, repeats, a.device)
         cache.crop(q)
         return t / a.num_layers
 
@@ -188,7 +169,7 @@ class _Bench:
                 keys, values = a.project_kv(idx, h, cos, sin)
                 cache.write(idx, rows, keys, values)
 
-        t = _median_time(step, repeats, a.device)
+        t = median_seconds(step, repeats, a.device)
         cache.crop(1)
         return t / a.num_layers
 
@@ -202,7 +183,7 @@ class _Bench:
             x = h if head is None else head(h)
             bool(exit_check(x, threshold=threshold, measure=measure, **kw).exit.any())  # the host reads it
 
-        return _median_time(step, repeats, a.device)
+        return median_seconds(step, repeats, a.device)
 
     def state_s(self, threshold, repeats):
         """Median seconds of the state measure's exit check: the similarity of two states per row and the
@@ -213,7 +194,7 @@ class _Bench:
         def step():
             int((state_similarity(h, before) >= threshold).sum())  # the host reads how many rows exit
 
-        return _median_time(step, repeats, a.device)
+        return median_seconds(step, repeats, a.device)
 
 
 def _check_batch_sizes(batch_sizes):
