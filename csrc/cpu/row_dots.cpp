@@ -1,8 +1,6 @@
 // Decode-regime head GEMM on CPU. See row_dots.h; the kernels are in row_dots_impl.h.
 #include "cpu/row_dots.h"
 
-#include <cstdint>
-
 #include "cpu/multiversion.h"
 #include "cpu/row_dots_impl.h"
 

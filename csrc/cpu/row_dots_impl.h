@@ -131,8 +131,8 @@ __attribute__((always_inline)) inline void dot_rows_fixed(const float* x, int64_
 }
 
 // Calls rows(std::integral_constant<int, R>{}, r0) for each group of 8 rows from r0 = 0, then once for the
-// remaining R < 8 rows: a fixed-size kernel instantiation per R (n <= kRowDotsMaxRows; more groups would
-// re-read each weight row from L1, not memory).
+// remaining R < 8 rows: a fixed-size kernel instantiation per R. Each group re-reads the weight chunk,
+// which is why the widening path stops at kRowDotsMaxRows.
 template <typename Rows>
 __attribute__((always_inline)) inline void for_row_groups(int64_t n, const Rows& rows) {
   int64_t r0 = 0;
