@@ -18,12 +18,18 @@ def synchronized_clock(device):
     return time.perf_counter()
 
 
-def median_seconds(fn, repeats, device):
+def median_seconds(fn, repeats, device, *, before=None):
     """Median seconds of ``fn()`` over ``repeats`` calls (after one warm-up call), each call timed
-    between two :func:`synchronized_clock` readings on ``device``."""
+    between two :func:`synchronized_clock` readings on ``device``.
+
+    before: a callable run, untimed, before each timed call (for example work that leaves the caches
+    as the real context of ``fn`` would); None: the calls run back to back.
+    """
     fn()
     times = []
     for _ in range(repeats):
+        if before is not None:
+            before()
         t0 = synchronized_clock(device)
         fn()
         times.append(synchronized_clock(device) - t0)

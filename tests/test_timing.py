@@ -25,3 +25,15 @@ def test_median_seconds_warms_up_then_takes_the_median():
 def test_synchronized_clock_reads_perf_counter_for_any_device_spelling():
     before = time.perf_counter()
     assert before <= synchronized_clock("cpu") <= synchronized_clock(torch.device("cpu")) <= time.perf_counter()
+
+
+def test_median_seconds_runs_before_untimed_before_each_timed_call():
+    order = []
+
+    def before():
+        order.append("before")
+        time.sleep(0.05)  # untimed: must not reach the result
+
+    seconds = median_seconds(lambda: order.append("fn"), 3, torch.device("cpu"), before=before)
+    assert order == ["fn", "before", "fn", "before", "fn", "before", "fn"]
+    assert seconds < 0.05

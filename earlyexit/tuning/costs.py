@@ -141,8 +141,9 @@ class _Bench:
         masks = build_masks(am, self.context, q, a.windows, a.attn_impl, a.dtype)
         return h, masks, pos, a.rotary(h, pos)
 
-    def layers_s(self, q, repeats):
-        """Median seconds of all decoder layers on q new positions per row, divided by L (the mean layer)."""
+    def _layers(self, q):
+        """A callable that runs every decoder layer on q new positions per row, into q positions it reserves
+        in the cache (the caller crops them)."""
         a, cache = self.adapter, self.cache
         h, masks, pos, cos_sin = self.inputs(q)
         cache.reserve(q)
@@ -153,9 +154,13 @@ class _Bench:
             for idx in range(a.num_layers):
                 x = a.run_layer(idx, x, masks[a.windows[idx]], pos, cos_sin, view)
 
-        t = median_seconds(step, repeats, a.device)
-        cache.crop(q)
-        return t / a.num_layers
+        return step
+
+    def layers_s(self, q, repeats):
+        """Median seconds of all decoder layers on q new positions per row, divided by L (the mean layer)."""
+        t = median_seconds(self._layers(q), repeats, self.adapter.device)
+        self.cache.crop(q)
+        return t / self.adapter.num_layers
 
     def propagate_s(self, repeats):
         """Median seconds of project_kv + cache write over all layers, divided by L."""
@@ -183,7 +188,12 @@ class _Bench:
             x = h if head is None else head(h)
             bool(exit_check(x, threshold=threshold, measure=measure, **kw).exit.any())  # the host reads it
 
-        return median_seconds(step, repeats, a.device)
+        # Each timed check follows a pass over every decoder layer, as in decoding: back to back, a head
+        # that fits a large last-level cache (or a GPU's L2) would be read from there, which the layers
+        # between two exit checks of a real step evict.
+        t = median_seconds(step, repeats, a.device, before=self._layers(1))
+        self.cache.crop(1)
+        return t
 
     def state_s(self, threshold, repeats):
         """Median seconds of the state measure's exit check: the similarity of two states per row and the
