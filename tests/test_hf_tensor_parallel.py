@@ -93,12 +93,12 @@ def _run_modes(model, ids, am):
     # wait in different collectives.
     import earlyexit.hf.generate as generate
 
-    clock, noise = generate._clock, random.Random(dist.get_rank())
-    generate._clock = lambda device: clock(device) + noise.random()
+    clock, noise = generate.synchronized_clock, random.Random(dist.get_rank())
+    generate.synchronized_clock = lambda device: clock(device) + noise.random()
     try:
         out["exact_noisy_clocks"] = eem.generate(ids, am, max_new_tokens=NEW, mode="exact").sequences
     finally:
-        generate._clock = clock
+        generate.synchronized_clock = clock
     return out
 
 
