@@ -240,3 +240,50 @@ def test_errors():
     with pytest.raises(ValueError, match="attention implementation 'sdpa'.*'eager'"):
         ModelAdapter(model)
     assert exit_head_args(model)["softcap"] == 6.0
+
+
+def _longrope_phi3(original):
+    """A tiny Phi-3 with longrope whose original context is ``original`` positions."""
+    rotary = 8  # head_dim 16 x partial_rotary_factor 0.5: 4 factors per set
+    rope = {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "short_factor": [1.0] * (rotary // 2),
+        "long_factor": [4.0] * (rotary // 2),
+    }
+    config = transformers.Phi3Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=L,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+        partial_rotary_factor=0.5,
+        max_position_embeddings=4 * original,
+        original_max_position_embeddings=original,
+        rope_parameters=rope,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    return transformers.Phi3ForCausalLM(config).eval()
+
+
+def test_dynamic_rope_past_its_original_context_warns(batch, recwarn):
+    # model.generate of a longrope Phi-3 recomputes its cache with the long factors once the sequence
+    # passes the original context; the loops do not, so a generation that may pass it is warned about,
+    # and one that stays inside it is not (and stays exact).
+    ids, am = batch
+    model = _longrope_phi3(original=9)
+    eem = EarlyExitLM(model, EXITS, threshold=0.05)
+    assert eem.adapter.dynamic_rope_context == 9
+    eem.draft = DraftPolicy(EXITS[0], max_tokens=4)
+    out = eem.generate(ids, am, max_new_tokens=2, mode="exact")  # 7 + 2 positions: inside
+    assert not [w for w in recwarn if "dynamic rotary" in str(w.message)]
+    assert torch.equal(out.sequences, _reference(model, ids, am, 2))
+    message = r"max_new_tokens: 7 prompt positions \+ 3 new tokens .*original context \(9\)"
+    with pytest.warns(UserWarning, match=message):
+        eem.generate(ids, am, max_new_tokens=3, mode="exact")
+    plain = tiny_causal_lm("llama", num_layers=L)
+    assert EarlyExitLM(plain, EXITS).adapter.dynamic_rope_context is None  # default rope: no limit

@@ -39,6 +39,7 @@ takes no schedule.
 
 import math
 import numbers
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -336,6 +337,16 @@ class EarlyExitLM:
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p: expected a value in (0, 1], got {top_p!r}")
         depths = self._schedule_depths(schedule, mode, max_new_tokens)
+        context = self.adapter.dynamic_rope_context
+        if context is not None and input_ids.shape[1] + max_new_tokens > context:
+            warnings.warn(
+                f"max_new_tokens: {input_ids.shape[1]} prompt positions + {max_new_tokens} new tokens may pass the "
+                f"original context ({context}) of this model's dynamic rotary embedding, where model.generate "
+                "changes its frequencies mid-generation (Phi-3's longrope recomputes its cache there); past that "
+                "point EarlyExitLM does not reproduce it, so mode='exact' is not guaranteed to equal "
+                "model.generate",
+                stacklevel=2,
+            )
         device = self.adapter.device
         eos, pad = self._special_tokens(eos_token_id)
         return generate(

@@ -125,6 +125,7 @@ class ModelAdapter:
             starts = [sum(widths[:i]) for i in range(len(widths))]
             cols = {t: slice(a, a + w) for t, a, w in zip(self.rotary_types, starts, widths)}
             self._rotary_cols = [cols[t] for t in config.layer_types]
+        self.dynamic_rope_context = self._dynamic_rope_context(model, config)
         # The module's own rotary function, so propagated keys match the layers' keys bit for bit.
         self._apply_rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
 
@@ -177,6 +178,21 @@ class ModelAdapter:
         if self.family.embedding_multiplier is not None:  # Granite: applied by the base model, not the module
             hidden = hidden * getattr(self.config, self.family.embedding_multiplier)
         return hidden
+
+    @staticmethod
+    def _dynamic_rope_context(model, config):
+        """The original context of a rotary embedding whose frequencies follow the length of each call
+        (longrope, dynamic NTK), else None. Past it, transformers' own generate changes the frequencies
+        mid-generation (Phi-3's longrope recomputes its whole cache once there), which the early-exit
+        loops do not reproduce."""
+        rope_type = getattr(model.model.rotary_emb, "rope_type", None)
+        if rope_type not in ("longrope", "dynamic"):
+            return None
+        params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        original = getattr(config, "original_max_position_embeddings", None) or params.get(
+            "original_max_position_embeddings"
+        )
+        return int(original or config.max_position_embeddings)
 
     def rotary(self, hidden, position_ids):
         """(cos, sin) for position_ids [N, q], each [N, q, R].
