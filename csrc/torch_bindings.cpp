@@ -15,6 +15,7 @@
 #include <cmath>
 #include <string>
 
+#include "cpu/row_dots.h"
 #include "exit_check.h"
 #include "exit_check_stats.h"
 
@@ -138,8 +139,9 @@ TORCH_LIBRARY_IMPL(earlyexit_C, CUDA, m) {
 }
 #endif
 
-// earlyexit._C: importing it runs the registrations above. Its one attribute, cuda_archs, lists the CUDA
-// architectures the kernels were compiled for ("80;90"), empty when the CUDA part was not built.
+// earlyexit._C: importing it runs the registrations above. Its attributes: cuda_archs, the CUDA
+// architectures the kernels were compiled for ("80;90"), empty when the CUDA part was not built; and
+// cpu_bf16_dots, how the CPU kernel multiplies a bf16 head on this CPU ("avx512bf16" pairs or "widen").
 static PyModuleDef ee_module = {PyModuleDef_HEAD_INIT, "_C", "earlyexit compiled kernels (ops in torch.ops.earlyexit_C)",
                                 -1, nullptr, nullptr, nullptr, nullptr, nullptr};
 
@@ -151,7 +153,13 @@ PyMODINIT_FUNC PyInit__C() {
 #else
   const std::string archs;
 #endif
-  if (PyModule_AddStringConstant(mod, "cuda_archs", archs.c_str()) != 0) {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  const char* bf16_dots = earlyexit::cpu::row_dots_bf16_pairs_available() ? "avx512bf16" : "widen";
+#else
+  const char* bf16_dots = "widen";
+#endif
+  if (PyModule_AddStringConstant(mod, "cuda_archs", archs.c_str()) != 0 ||
+      PyModule_AddStringConstant(mod, "cpu_bf16_dots", bf16_dots) != 0) {
     Py_DECREF(mod);
     return nullptr;
   }

@@ -12,6 +12,7 @@ def format_build_info(info):
         f"torch {info['torch']} (CUDA {info['torch_cuda']}), CUDA device available: {info['cuda_available']}",
         f"triton {info['triton']} (TRITON_INTERPRET={int(info['triton_interpret'])})",
         f"C++ extension: {'built' if info['cpu_ext'] else 'not built'}; CUDA archs: {info['cuda_archs'] or 'none'}",
+        f"CPU bf16 head: {info['cpu_bf16_dots'] or 'no C++ kernel'}",
         "backends:",
     ]
     for name, per_dev in info["backends"].items():

@@ -7,6 +7,8 @@ chunks and row blocks on CPU, decode vs chunked path on CUDA) and ties across ch
 """
 
 import math
+import os
+import platform
 import shutil
 
 import pytest
@@ -98,6 +100,17 @@ def test_build_info_is_truthful():
     assert all(a.isdigit() for a in info["cuda_archs"])
     assert info["backends"]["cpu"]["cpu"] is None
     assert backends.auto_backend("cpu") == "cpu"
+
+
+@needs_ext
+def test_build_info_names_the_cpu_bf16_path_this_cpu_has():
+    # The bf16-pair path needs AVX-512 F, BW, VL and BF16; /proc/cpuinfo says whether this CPU has them.
+    flags = set()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    pairs = platform.machine() == "x86_64" and {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= flags
+    assert earlyexit.build_info()["cpu_bf16_dots"] == ("avx512bf16" if pairs else "widen")
 
 
 @pytest.mark.parametrize(

@@ -88,6 +88,9 @@ def _compiled_cuda_archs():
 
 
 CUDA_ARCHS = _compiled_cuda_archs()
+#: How the C++ CPU kernel multiplies a bf16 head here: "avx512bf16" (bf16-pair dot products, any row count)
+#: or "widen" (each weight widened to float32; up to 8 rows, a float32 GEMM above); None without it.
+CPU_BF16_DOTS = getattr(EXTENSION, "cpu_bf16_dots", None)
 
 
 def unavailable_reason(backend, device_type):
@@ -161,7 +164,8 @@ def build_info():
     """A dict describing this install: versions, compiled parts, and each backend's availability.
 
     Keys: ``version``, ``torch``, ``torch_cuda``, ``triton`` (None if missing), ``triton_interpret``,
-    ``cpu_ext`` (bool), ``cuda_archs`` (list of str, empty if none), ``cuda_available``, and
+    ``cpu_ext`` (bool), ``cuda_archs`` (list of str, empty if none), ``cpu_bf16_dots`` (:data:`CPU_BF16_DOTS`),
+    ``cuda_available``, and
     ``backends``: ``{name: {"cpu": reason_or_None, "cuda": reason_or_None}}`` where None means it runs.
     """
     from earlyexit import __version__
@@ -174,6 +178,7 @@ def build_info():
         "triton_interpret": TRITON_INTERPRET,
         "cpu_ext": EXTENSION is not None,
         "cuda_archs": list(CUDA_ARCHS),
+        "cpu_bf16_dots": CPU_BF16_DOTS,
         "cuda_available": CUDA_AVAILABLE,
         "backends": {name: {dev: unavailable_reason(name, dev) for dev in ("cpu", "cuda")} for name in BACKENDS},
     }
