@@ -287,3 +287,17 @@ def test_dynamic_rope_past_its_original_context_warns(batch, recwarn):
         eem.generate(ids, am, max_new_tokens=3, mode="exact")
     plain = tiny_causal_lm("llama", num_layers=L)
     assert EarlyExitLM(plain, EXITS).adapter.dynamic_rope_context is None  # default rope: no limit
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3", "phi3", "granite", "olmo2"])
+def test_half_precision(kind, dtype, batch):
+    # Each family's differences (softcaps, multipliers, q/k norms, windows) in the dtype users load:
+    # exact mode with drafts equals model.generate.
+    model = tiny_causal_lm(kind, num_layers=L, attn_implementation="eager").to(dtype)
+    ids, am = batch
+    eem = EarlyExitLM(model, EXITS, threshold=0.1)
+    eem.draft = DraftPolicy(EXITS[0], max_tokens=4)
+    out = eem.generate(ids, am, max_new_tokens=8, mode="exact")
+    assert torch.equal(out.sequences, _reference(model, ids, am, 8))
+    assert (out.exit_layer < L).any(), "drafts should be accepted sometimes, else the test is vacuous"
