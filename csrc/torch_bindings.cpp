@@ -153,13 +153,8 @@ PyMODINIT_FUNC PyInit__C() {
 #else
   const std::string archs;
 #endif
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  const char* bf16_dots = earlyexit::cpu::row_dots_bf16_pairs_available() ? "avx512bf16" : "widen";
-#else
-  const char* bf16_dots = "widen";
-#endif
   if (PyModule_AddStringConstant(mod, "cuda_archs", archs.c_str()) != 0 ||
-      PyModule_AddStringConstant(mod, "cpu_bf16_dots", bf16_dots) != 0) {
+      PyModule_AddStringConstant(mod, "cpu_bf16_dots", earlyexit::cpu::row_dots_bf16_path()) != 0) {
     Py_DECREF(mod);
     return nullptr;
   }

@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "cpu/multiversion.h"
+
 namespace earlyexit {
 namespace cpu {
 
@@ -29,13 +31,15 @@ void row_dots_f16(const float* x, int64_t n, int64_t d, const uint16_t* w, int64
 // Most rows row_dots_bf16 is given: kRowDotsMaxRows on the widening path; any number on the bf16-pair path,
 // which outruns the upcast-and-GEMM path there (in groups of 8 rows over a cache-resident weight chunk).
 int64_t row_dots_bf16_max_rows();
+// The bfloat16 path row_dots_bf16 takes on this CPU: "avx512bf16" (bf16 pairs) or "widen".
+const char* row_dots_bf16_path();
 
 // The two bfloat16 paths, exposed for tests: widening each weight to float32 (any CPU, any float32 x), or
 // AVX512-BF16's bf16-pair dot products (row_dots_avx512bf16.cpp), which round x to bfloat16 (nearest even)
 // and, as that instruction does, read bf16 subnormals as zero and flush subnormal results.
 void row_dots_bf16_widen(const float* x, int64_t n, int64_t d, const uint16_t* w, int64_t ldw, int64_t nc,
                          float* z);
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#ifdef EE_X86_GCC
 bool row_dots_bf16_pairs_available();
 void row_dots_bf16_pairs(const float* x, int64_t n, int64_t d, const uint16_t* w, int64_t ldw, int64_t nc,
                          float* z);
@@ -45,7 +49,7 @@ void row_dots_bf16_pairs(const float* x, int64_t n, int64_t d, const uint16_t* w
 // F16C: row_dots_f16c.cpp) or portable vector bit manipulation (any CPU). Exposed for tests.
 void row_dots_f16_portable(const float* x, int64_t n, int64_t d, const uint16_t* w, int64_t ldw, int64_t nc,
                            float* z);
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#ifdef EE_X86_GCC
 bool row_dots_f16c_available();
 void row_dots_f16c(const float* x, int64_t n, int64_t d, const uint16_t* w, int64_t ldw, int64_t nc, float* z);
 #endif

@@ -4,7 +4,9 @@
 // one stays bound by reading the weight up to 8 rows, and above that outruns upcasting the chunk for the
 // float32 GEMM. The whole file is compiled for AVX-512 (F, BW, VL, BF16); row_dots_bf16 calls it only on
 // CPUs that have them, hence a file of its own (as row_dots_f16c.cpp).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include "cpu/multiversion.h"
+
+#ifdef EE_X86_GCC
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
 #include <immintrin.h>
 

@@ -2,7 +2,9 @@
 // instead of about a dozen integer/float operations). The whole file is compiled for AVX2 + FMA + F16C
 // (the templates of row_dots_impl.h included below too); row_dots_f16 calls it only on CPUs that have
 // them. GCC cannot use F16C in a target_clones function's baseline clone, hence a file of its own.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include "cpu/multiversion.h"
+
+#ifdef EE_X86_GCC
 #pragma GCC target("avx2,fma,f16c")
 #include <immintrin.h>
 
