@@ -11,7 +11,7 @@ void rd_bf16(const float* x, int64_t n, int64_t d, const uint16_t* w, int64_t ld
 void rd_bf16_widen(const float* x, int64_t n, int64_t d, const uint16_t* w, int64_t ldw, int64_t nc, float* z) {
   earlyexit::cpu::row_dots_bf16_widen(x, n, d, w, ldw, nc, z);
 }
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#ifdef EE_X86_GCC
 int rd_bf16_pairs_available() { return earlyexit::cpu::row_dots_bf16_pairs_available(); }
 void rd_bf16_pairs(const float* x, int64_t n, int64_t d, const uint16_t* w, int64_t ldw, int64_t nc, float* z) {
   earlyexit::cpu::row_dots_bf16_pairs(x, n, d, w, ldw, nc, z);

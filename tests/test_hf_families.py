@@ -12,7 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from test_hf_generate import _first_step_states, _reference, assert_cache_is_the_models_own  # noqa: E402
-from tiny_models import left_padded_batch, tiny_causal_lm  # noqa: E402
+from tiny_models import FAMILY_KINDS, left_padded_batch, tiny_causal_lm  # noqa: E402
 
 from earlyexit import EarlyExitLM, exit_check  # noqa: E402
 from earlyexit.hf import DraftPolicy  # noqa: E402
@@ -242,40 +242,12 @@ def test_errors():
     assert exit_head_args(model)["softcap"] == 6.0
 
 
-def _longrope_phi3(original):
-    """A tiny Phi-3 with longrope whose original context is ``original`` positions."""
-    rotary = 8  # head_dim 16 x partial_rotary_factor 0.5: 4 factors per set
-    rope = {
-        "rope_type": "longrope",
-        "rope_theta": 10000.0,
-        "short_factor": [1.0] * (rotary // 2),
-        "long_factor": [4.0] * (rotary // 2),
-    }
-    config = transformers.Phi3Config(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=L,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=300,
-        partial_rotary_factor=0.5,
-        max_position_embeddings=4 * original,
-        original_max_position_embeddings=original,
-        rope_parameters=rope,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    return transformers.Phi3ForCausalLM(config).eval()
-
-
 def test_dynamic_rope_past_its_original_context_warns(batch, recwarn):
     # model.generate of a longrope Phi-3 recomputes its cache with the long factors once the sequence
     # passes the original context; the loops do not, so a generation that may pass it is warned about,
     # and one that stays inside it is not (and stays exact).
     ids, am = batch
-    model = _longrope_phi3(original=9)
+    model = tiny_causal_lm("phi3", num_layers=L, longrope_context=9)
     eem = EarlyExitLM(model, EXITS, threshold=0.05)
     assert eem.adapter.dynamic_rope_context == 9
     eem.draft = DraftPolicy(EXITS[0], max_tokens=4)
@@ -290,7 +262,7 @@ def test_dynamic_rope_past_its_original_context_warns(batch, recwarn):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("kind", ["gemma2", "gemma3", "phi3", "granite", "olmo2"])
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
 def test_half_precision(kind, dtype, batch):
     # Each family's differences (softcaps, multipliers, q/k norms, windows) in the dtype users load:
     # exact mode with drafts equals model.generate.

@@ -8,7 +8,9 @@ GEMMA_LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention"]
 FAMILY_KINDS = ("gemma2", "gemma3", "phi3", "granite", "olmo2")
 
 
-def tiny_causal_lm(kind="llama", num_layers=6, hidden_size=64, vocab_size=300, seed=0, attn_implementation=None):
+def tiny_causal_lm(
+    kind="llama", num_layers=6, hidden_size=64, vocab_size=300, seed=0, attn_implementation=None, longrope_context=None
+):
     """A random-weight ``*ForCausalLM`` in eval mode.
 
     initializer_range is larger than the default 0.02 (0.2, and 0.3 for :data:`FAMILY_KINDS`) so
@@ -21,6 +23,8 @@ def tiny_causal_lm(kind="llama", num_layers=6, hidden_size=64, vocab_size=300, s
     sublayers).
 
     attn_implementation: None (transformers' default for the family), "eager" or "sdpa".
+    longrope_context: Phi-3 only: a longrope rotary embedding (long factors 4x the short ones) whose
+        original context is this many positions (None: the default rotary).
     """
     import transformers
 
@@ -62,9 +66,22 @@ def tiny_causal_lm(kind="llama", num_layers=6, hidden_size=64, vocab_size=300, s
             config = transformers.Gemma3TextConfig(rope_parameters=rope, **gemma, **common)
             model = transformers.Gemma3ForCausalLM(config)
     elif kind == "phi3":
-        config = transformers.Phi3Config(
-            sliding_window=5, partial_rotary_factor=0.5, pad_token_id=0, bos_token_id=1, eos_token_id=2, **common
-        )
+        rope = {}
+        if longrope_context is not None:
+            # One factor per rotary frequency: head_dim (hidden_size / 4 heads) x 0.5 partial rotary, halved.
+            factors = hidden_size // 4 // 2 // 2
+            rope = dict(
+                rope_parameters={
+                    "rope_type": "longrope",
+                    "rope_theta": 10000.0,
+                    "short_factor": [1.0] * factors,
+                    "long_factor": [4.0] * factors,
+                },
+                original_max_position_embeddings=longrope_context,
+                max_position_embeddings=4 * longrope_context,
+            )
+        ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        config = transformers.Phi3Config(sliding_window=5, partial_rotary_factor=0.5, **ids, **rope, **common)
         model = transformers.Phi3ForCausalLM(config)
     elif kind == "granite":
         config = transformers.GraniteConfig(
