@@ -242,25 +242,6 @@ def test_errors():
     assert exit_head_args(model)["softcap"] == 6.0
 
 
-def test_dynamic_rope_past_its_original_context_warns(batch, recwarn):
-    # model.generate of a longrope Phi-3 recomputes its cache with the long factors once the sequence
-    # passes the original context; the loops do not, so a generation that may pass it is warned about,
-    # and one that stays inside it is not (and stays exact).
-    ids, am = batch
-    model = tiny_causal_lm("phi3", num_layers=L, longrope_context=9)
-    eem = EarlyExitLM(model, EXITS, threshold=0.05)
-    assert eem.adapter.dynamic_rope_context == 9
-    eem.draft = DraftPolicy(EXITS[0], max_tokens=4)
-    out = eem.generate(ids, am, max_new_tokens=2, mode="exact")  # 7 + 2 positions: inside
-    assert not [w for w in recwarn if "dynamic rotary" in str(w.message)]
-    assert torch.equal(out.sequences, _reference(model, ids, am, 2))
-    message = r"max_new_tokens: 7 prompt positions \+ 3 new tokens .*original context \(9\)"
-    with pytest.warns(UserWarning, match=message):
-        eem.generate(ids, am, max_new_tokens=3, mode="exact")
-    plain = tiny_causal_lm("llama", num_layers=L)
-    assert EarlyExitLM(plain, EXITS).adapter.dynamic_rope_context is None  # default rope: no limit
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("kind", FAMILY_KINDS)
 def test_half_precision(kind, dtype, batch):

@@ -9,7 +9,14 @@ FAMILY_KINDS = ("gemma2", "gemma3", "phi3", "granite", "olmo2")
 
 
 def tiny_causal_lm(
-    kind="llama", num_layers=6, hidden_size=64, vocab_size=300, seed=0, attn_implementation=None, longrope_context=None
+    kind="llama",
+    num_layers=6,
+    hidden_size=64,
+    vocab_size=300,
+    seed=0,
+    attn_implementation=None,
+    longrope_context=None,
+    dynamic_rope_context=None,
 ):
     """A random-weight ``*ForCausalLM`` in eval mode.
 
@@ -25,6 +32,7 @@ def tiny_causal_lm(
     attn_implementation: None (transformers' default for the family), "eager" or "sdpa".
     longrope_context: Phi-3 only: a longrope rotary embedding (long factors 4x the short ones) whose
         original context is this many positions (None: the default rotary).
+    dynamic_rope_context: Llama only: a dynamic-NTK rotary embedding (factor 2) past this many positions.
     """
     import transformers
 
@@ -39,7 +47,13 @@ def tiny_causal_lm(
     )
     torch.manual_seed(seed)
     if kind == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+        rope = {}
+        if dynamic_rope_context is not None:
+            rope = dict(
+                rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+                max_position_embeddings=dynamic_rope_context,
+            )
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**rope, **common))
     elif kind == "qwen3":
         model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=16, **common))
     elif kind == "qwen2":

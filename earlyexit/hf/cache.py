@@ -37,6 +37,10 @@ class RowCache:
         self._shape = (batch, num_kv_heads, head_dim)
         self._dtype, self._device = dtype, device
         self.reserved = 0
+        #: None, or for a longrope rotary which positions take the long factors: a callable
+        #: position_ids [B, q] -> bool [B, q] (:class:`~earlyexit.hf.long_rope.LongRope`), read by the
+        #: forwards that compute these rows' keys.
+        self.rope_long = None
 
     @property
     def length(self):

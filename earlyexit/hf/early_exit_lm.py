@@ -341,10 +341,10 @@ class EarlyExitLM:
         if context is not None and input_ids.shape[1] + max_new_tokens > context:
             warnings.warn(
                 f"max_new_tokens: {input_ids.shape[1]} prompt positions + {max_new_tokens} new tokens may pass the "
-                f"original context ({context}) of this model's dynamic rotary embedding, where model.generate "
-                "changes its frequencies mid-generation (Phi-3's longrope recomputes its cache there); past that "
-                "point EarlyExitLM does not reproduce it, so mode='exact' is not guaranteed to equal "
-                "model.generate",
+                f"original context ({context}) of this model's dynamic-NTK rotary embedding, whose frequencies "
+                "grow with each call's length and are kept as the module's state between calls; past that point "
+                "EarlyExitLM does not reproduce model.generate's sequence of calls, so mode='exact' is not "
+                "guaranteed to equal model.generate",
                 stacklevel=2,
             )
         device = self.adapter.device

@@ -81,6 +81,12 @@ class _Rows:
     sin_all: torch.Tensor
 
 
+def _rotary(adapter, cache, hidden, pos):
+    """The rotary tables of positions pos [B, q] of every batch row of ``cache``."""
+    long = None if cache.rope_long is None else cache.rope_long(pos)
+    return adapter.rotary(hidden, pos, long)
+
+
 def _prologue(adapter, cache, input_ids, attention_mask, running):
     """Reserve q cache positions, build positions/masks, embed, and compact to the running rows."""
     start, q = cache.length, input_ids.shape[1]
@@ -88,7 +94,7 @@ def _prologue(adapter, cache, input_ids, attention_mask, running):
     pos = position_ids(attention_mask, start, q)
     masks = build_masks(attention_mask, start, q, adapter.windows, adapter.attn_impl, adapter.dtype)
     hidden = adapter.embed(input_ids)
-    cos, sin = adapter.rotary(hidden, pos)
+    cos, sin = _rotary(adapter, cache, hidden, pos)
     (hidden_k, cos_k, sin_k, pos_k, *masks_k), rows = compact(running, hidden, cos, sin, pos, *masks.values())
     return _Rows(hidden_k, cos_k, sin_k, pos_k, masks_k, rows, cos, sin), list(masks)
 
@@ -160,7 +166,7 @@ def verify_forward(adapter, cache, block, attention_mask, running, first_states,
         below = k
     pos = position_ids(attention_mask, start, q)
     masks = build_masks(attention_mask, start, q, adapter.windows, adapter.attn_impl, adapter.dtype)
-    cos, sin = adapter.rotary(h, pos)
+    cos, sin = _rotary(adapter, cache, h, pos)
     (cos, sin, pos, *masks_k), _ = compact(running, cos, sin, pos, *masks.values())
     cache.reserved = q  # layers k.. write positions [start, start + q)
     view = cache.view(_view_rows(rows, batch))

@@ -24,6 +24,7 @@ from earlyexit.hf.forward import (
     schedule_step,
     verify_forward,
 )
+from earlyexit.hf.long_rope import LongRope
 from earlyexit.timing import synchronized_clock
 
 
@@ -62,9 +63,12 @@ class _Run:
     def __init__(self, adapter, input_ids, attention_mask, max_new_tokens, eos, pad, progress, first=None):
         batch, device = input_ids.shape[0], input_ids.device
         self.adapter = adapter
-        self.cache = RowCache(
-            adapter.num_layers, batch, adapter.num_kv_heads, adapter.head_dim, adapter.dtype, input_ids.device
-        )
+        self.cache = self._new_cache(batch, device)
+        self.prompt_ids, self.prompt_mask = input_ids, attention_mask
+        self.long_rope = None
+        if adapter.longrope_context is not None:
+            self.long_rope = LongRope(adapter.longrope_context, attention_mask)
+            self.cache.rope_long = self.long_rope.long
         self.counters = Counters()
         self.max_new_tokens = max_new_tokens
         self.eos = eos
@@ -77,6 +81,7 @@ class _Run:
         self.rounds = []  # exact mode: (DraftPolicy or None for a plain step, drafts verified) per round
         self.holes = 0  # exact mode: cache positions of rejected drafts masked out, summed over rows
         self.compactions = 0  # exact mode: times the cache was compacted along the sequence axis
+        self.rope_rebuilds = 0  # rows whose cache was rebuilt at their longrope switch
         # Invariant: attention_mask covers the cached positions plus the one of `pending`; a 0 marks
         # left padding or a hole (a rejected draft's position, see generate_exact).
         self.attention_mask = attention_mask
@@ -95,6 +100,50 @@ class _Run:
         self.counters.head_rows += int(running.sum())
         self.emit(tok[:, None], torch.full_like(tok[:, None], self.adapter.num_layers))
         self.advance(tok[:, None])
+
+    def _new_cache(self, batch, device):
+        a = self.adapter
+        return RowCache(a.num_layers, batch, a.num_kv_heads, a.head_dim, a.dtype, device)
+
+    def next_positions(self):
+        """Each row's position of ``pending``: its real cached tokens, int64 [B]."""
+        return self.attention_mask[:, :-1].sum(1)
+
+    def draft_limit(self, running):
+        """Most drafts the next exact-mode round may make (>= 0): the tokens left, and with a longrope
+        rotary no block that would reach a running row's switch before its cache is rebuilt."""
+        limit = self.remaining() - 1
+        if self.long_rope is not None:
+            limit = min(limit, self.long_rope.room(self.next_positions(), running))
+        return limit
+
+    def cross_long_rope(self, running):
+        """With a longrope rotary: rebuild the cache of the running rows about to process their first
+        long position (:mod:`~earlyexit.hf.long_rope`), at full depth with the long factors, as
+        ``model.generate`` recomputes its cache there. Between steps; a no-op for other rotaries."""
+        lr = self.long_rope
+        if lr is None:
+            return
+        due = lr.due(self.next_positions(), running)
+        if not bool(due.any()):
+            return
+        rows = due.nonzero().squeeze(1)
+        cached = self.attention_mask[rows, :-1]
+        # A row's real cached positions hold its prompt tokens, then its generated tokens but the last.
+        seqs = [
+            torch.cat([self.prompt_ids[r][self.prompt_mask[r].bool()], self.out[r, : int(self.count[r]) - 1]])
+            for r in rows.tolist()
+        ]
+        tokens = torch.full(cached.shape, self.pad, dtype=torch.int64, device=cached.device)
+        tokens[cached.bool()] = torch.cat(seqs)
+        fresh = self._new_cache(rows.shape[0], rows.device)
+        fresh.rope_long = lambda pos: torch.ones_like(pos, dtype=torch.bool)
+        full_forward(self.adapter, fresh, tokens, cached, torch.ones_like(rows, dtype=torch.bool), self.counters)
+        for layer, new in zip(self.cache.cache.layers, fresh.cache.layers):
+            layer.keys.index_copy_(0, rows, new.keys)
+            layer.values.index_copy_(0, rows, new.values)
+        lr.rebuilt |= due
+        self.rope_rebuilds += rows.shape[0]
 
     def ones(self, n):
         """attention_mask extended by n real positions: [B, S + n]."""
@@ -159,6 +208,7 @@ def generate_exit(adapter, spec, input_ids, attention_mask, max_new_tokens, eos,
     run = _Run(adapter, input_ids, attention_mask, max_new_tokens, eos, pad, progress, first)
     while not run.finished:
         running = run.unfinished.clone()
+        run.cross_long_rope(running)
         tokens, layers = exit_step(
             adapter, run.cache, spec, run.pending, run.attention_mask, running, chooser, run.counters
         )
@@ -182,6 +232,7 @@ def generate_schedule(adapter, input_ids, attention_mask, max_new_tokens, eos, p
     t = 0
     while not run.finished:
         running = run.unfinished.clone()
+        run.cross_long_rope(running)
         tokens, layers = schedule_step(
             adapter, run.cache, run.pending, run.attention_mask, running, depths[t], chooser, run.counters
         )
@@ -288,7 +339,8 @@ def generate_exact(adapter, spec, input_ids, attention_mask, max_new_tokens, eos
     group = adapter.exit_head.get("group")
     while not run.finished:
         running = run.unfinished.clone()
-        choice = policy.choose(run.remaining() - 1)
+        run.cross_long_rope(running)
+        choice = policy.choose(run.draft_limit(running))
         t0 = synchronized_clock(device)
         if choice.depth is None:
             tok = plain_step(adapter, run.cache, run.pending, run.attention_mask, running, chooser, c, fused)
@@ -375,7 +427,9 @@ def _stats(run, spec, mode, seconds, exit_layer):
     {k: count} (the exit layers, any other draft depth used, and L = full depth), new_tokens,
     seconds, tokens_per_s, exit_check_time_share, propagated_layer_rows (k/v-only layer
     computations of state propagation), head_rows (rows x positions the exit head evaluated: exit
-    checks, drafts, token choice and verification); exact mode also
+    checks, drafts, token choice and verification), long_rope_rebuilds (rows whose cache was rebuilt at
+    full depth at their longrope switch, :mod:`~earlyexit.hf.long_rope`; their layers count in
+    layer_compute_skipped); exact mode also
     acceptance_rate (share of verified drafts equal to the verifier's token, per row),
     full_depth_passes_per_token (verification passes per generated position; plain steps are not
     counted), draft_steps (draft exit checks run), plain_steps, draft_rounds, draft_depth and
@@ -400,6 +454,7 @@ def _stats(run, spec, mode, seconds, exit_layer):
         "exit_check_time_share": c.exit_check_s / seconds if seconds > 0 else 0.0,
         "propagated_layer_rows": c.propagated_layer_rows,
         "head_rows": c.head_rows,
+        "long_rope_rebuilds": run.rope_rebuilds,
     }
     if mode == "exact":
         stats["acceptance_rate"] = c.matched / c.drafted if c.drafted else 0.0

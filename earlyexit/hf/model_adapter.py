@@ -125,7 +125,7 @@ class ModelAdapter:
             starts = [sum(widths[:i]) for i in range(len(widths))]
             cols = {t: slice(a, a + w) for t, a, w in zip(self.rotary_types, starts, widths)}
             self._rotary_cols = [cols[t] for t in config.layer_types]
-        self.dynamic_rope_context = self._dynamic_rope_context(model, config)
+        self.longrope_context, self.dynamic_rope_context = self._rope_contexts(model, config)
         # The module's own rotary function, so propagated keys match the layers' keys bit for bit.
         self._apply_rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
 
@@ -180,31 +180,54 @@ class ModelAdapter:
         return hidden
 
     @staticmethod
-    def _dynamic_rope_context(model, config):
-        """The original context of a rotary embedding whose frequencies follow the length of each call
-        (longrope, dynamic NTK), else None. Past it, transformers' own generate changes the frequencies
-        mid-generation (Phi-3's longrope recomputes its whole cache once there), which the early-exit
-        loops do not reproduce."""
+    def _rope_contexts(model, config):
+        """(longrope, dynamic NTK) original context of the rotary embedding, each None for other types.
+
+        Past it transformers changes a call's frequencies with the call's length: longrope from its
+        short to its long factors (:mod:`~earlyexit.hf.long_rope` reproduces generate's switch),
+        dynamic NTK to ones grown for each length, kept as state of the module between calls.
+        """
         rope_type = getattr(model.model.rotary_emb, "rope_type", None)
         if rope_type not in ("longrope", "dynamic"):
-            return None
+            return None, None
         params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
         original = getattr(config, "original_max_position_embeddings", None) or params.get(
             "original_max_position_embeddings"
         )
-        return int(original or config.max_position_embeddings)
+        context = int(original or config.max_position_embeddings)
+        return (context, None) if rope_type == "longrope" else (None, context)
 
-    def rotary(self, hidden, position_ids):
+    def rotary(self, hidden, position_ids, long=None):
         """(cos, sin) for position_ids [N, q], each [N, q, R].
 
         R is the rotary width (head_dim, or less with partial rotary), or for a family with rotary
         settings per layer type the widths of every type in :attr:`rotary_types` concatenated.
+        long: None (the rotary module's own choice for the call), or for a longrope rotary a bool
+        [N, q] saying which positions take the long factors (:meth:`LongRope.long
+        <earlyexit.hf.long_rope.LongRope.long>`), each table computed by the module itself.
         """
         rotary_emb = self.model.model.rotary_emb
+        if long is not None:
+            if self.longrope_context is None:
+                raise ValueError("long: a factor choice applies to a longrope rotary embedding only")
+            return self._longrope_tables(rotary_emb, hidden, position_ids, long)
         if self.rotary_types is None:
             return rotary_emb(hidden, position_ids)
         tables = [rotary_emb(hidden, position_ids, t) for t in self.rotary_types]
         return torch.cat([c for c, _ in tables], dim=-1), torch.cat([s for _, s in tables], dim=-1)
+
+    def _longrope_tables(self, rotary_emb, hidden, position_ids, long):
+        # The module takes its long factors for a whole call once the call's last position is past the
+        # original context C, else its short ones; each position's table depends only on its position.
+        # So the short tables come from positions clamped below C (those that take them already are),
+        # the long ones from a call with one more position, at C, which is then dropped.
+        context = self.longrope_context
+        short = rotary_emb(hidden, position_ids.clamp(max=context - 1))
+        forced = torch.cat([position_ids, position_ids.new_full((position_ids.shape[0], 1), context)], dim=1)
+        q = position_ids.shape[1]
+        long_tables = [t[:, :q] for t in rotary_emb(hidden, forced)]
+        pick = long[..., None]
+        return tuple(torch.where(pick, lt, st) for lt, st in zip(long_tables, short))
 
     def _layer_rotary(self, idx, cos, sin):
         """Layer ``idx``'s own part of :meth:`rotary`'s tables (views; the tables themselves for one type)."""

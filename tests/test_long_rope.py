@@ -1,0 +1,173 @@
+"""Longrope (Phi-3 128k) past its original context: the loops equal model.generate across the switch.
+
+transformers' generate switches a longrope rotary to its long factors at the first step past
+``original_max_position_embeddings`` and recomputes its cache there (earlyexit/hf/long_rope.py says
+how the loops reproduce it). Tiny random-weight Phi-3s whose long factors are 4x the short ones, with
+original contexts that the 12 generated tokens cross. The oracle is :func:`_lock_step`, greedy
+decoding through the model's own forward as generate runs it; on transformers 5.24 it equals
+model.generate (checked here). transformers 5.17's generate drops the cache at the switch but then
+feeds the model the last token only, so from there on each token attends to itself alone: a bug of
+that version, which the loops do not reproduce.
+"""
+
+import inspect
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from packaging.version import Version  # noqa: E402
+from test_hf_generate import _reference  # noqa: E402
+from tiny_models import left_padded_batch, tiny_causal_lm  # noqa: E402
+
+from earlyexit import EarlyExitLM  # noqa: E402
+from earlyexit.hf import DraftPolicy  # noqa: E402
+from earlyexit.hf.long_rope import LongRope  # noqa: E402
+
+L = 6
+N = 12
+
+
+def _padded_batch(lengths=(7, 4, 2), extra_padding=0):
+    """Prompts of these lengths, left-padded; ``extra_padding`` more padding columns in every row."""
+    ids, am = left_padded_batch(lengths)
+    pad = torch.zeros(ids.shape[0], extra_padding, dtype=ids.dtype)
+    return torch.cat([pad, ids], 1), torch.cat([pad, am], 1)
+
+
+#: (original context, prompt lengths, extra padding columns, rows rebuilt): a batch of width 7 crosses
+#: it after 3 tokens (generate recomputes its cache there), one row alone too, one of width 4 after 6;
+#: a prompt already past it (long factors from the start, nothing rebuilt); every row padded
+#: (generate's recompute at the crossing changes nothing: each position keeps its own factors).
+CASES = [
+    (9, (7, 4, 2), 0, 3),
+    (9, (7,), 0, 1),
+    (6, (4, 2), 0, 2),
+    (4, (7, 4, 2), 0, 0),
+    (9, (7, 4, 2), 2, 0),
+]
+CASE_IDS = ["crossing", "one-row", "short-rows", "past", "all-padded"]
+
+
+def _lock_step(model, ids, am, n, context):
+    """Greedy decoding as Phi-3's generate runs it: the prompt, then one position per step with the
+    positions of generate (from the mask, then + 1), and when the prompt fits in the original context
+    the whole sequence recomputed without the cache at width context + 1. -> int64 [B, T + n]."""
+    seq, mask = ids, am
+    pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
+    # transformers renamed the forward's cache argument (past_key_values -> cache).
+    cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with torch.no_grad():
+        out = model(seq, attention_mask=mask, position_ids=pos, use_cache=True)
+        for _ in range(n):
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            seq, mask = torch.cat([seq, tok], 1), torch.cat([mask, torch.ones_like(tok)], 1)
+            if seq.shape[1] == context + 1 and ids.shape[1] <= context:
+                pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+                out = model(seq, attention_mask=mask, position_ids=pos, use_cache=True)
+                pos = pos[:, -1:]
+            else:
+                pos = pos[:, -1:] + 1
+                out = model(tok, attention_mask=mask, position_ids=pos, **{cache_kwarg: out.past_key_values})
+    return seq
+
+
+def _oracle(model, ids, am, n, context):
+    """:func:`_lock_step`, checked against model.generate where generate recomputes correctly."""
+    ref = _lock_step(model, ids, am, n, context)
+    if Version(transformers.__version__) >= Version("5.24"):
+        assert torch.equal(_reference(model, ids, am, n), ref)
+    return ref
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("context,lengths,extra,rebuilt", CASES, ids=CASE_IDS)
+def test_every_mode_equals_generate_across_the_switch(context, lengths, extra, rebuilt, attn):
+    ids, am = _padded_batch(lengths, extra)
+    model = tiny_causal_lm("phi3", num_layers=L, longrope_context=context, seed=1, attn_implementation=attn)
+    ref = _oracle(model, ids, am, N, context)
+    same_weights = tiny_causal_lm("phi3", num_layers=L, longrope_context=64, seed=1, attn_implementation=attn)
+    assert not torch.equal(_reference(same_weights, ids, am, N), ref), "the long factors should change the text"
+
+    eem = EarlyExitLM(model, [2, 4], threshold=2.0)  # exit mode: nothing exits
+    eem.draft = DraftPolicy(5, max_tokens=4)
+    exact = eem.generate(ids, am, max_new_tokens=N, eos_token_id=[], mode="exact")
+    assert torch.equal(exact.sequences, ref)
+    assert exact.stats["acceptance_rate"] > 0, "drafts should be accepted sometimes, else the test is vacuous"
+    assert exact.stats["long_rope_rebuilds"] == rebuilt
+    for kwargs in ({}, {"schedule": lambda t: L}):
+        out = eem.generate(ids, am, max_new_tokens=N, eos_token_id=[], mode="exit", **kwargs)
+        assert torch.equal(out.sequences, ref)
+        assert out.stats["long_rope_rebuilds"] == rebuilt
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 3, 4])
+def test_exact_mode_blocks_reach_the_switch_in_every_alignment(max_tokens):
+    # Block lengths 1-4 put the switch (after 3 generated tokens) at every place in a block; rows
+    # accept different drafts, so they reach it in different rounds.
+    ids, am = _padded_batch()
+    model = tiny_causal_lm("phi3", num_layers=L, longrope_context=9, seed=1)
+    ref = _oracle(model, ids, am, N, 9)
+    eem = EarlyExitLM(model, [2, 4], threshold=0.05)
+    for depth in (2, 5):
+        eem.draft = DraftPolicy(depth, max_tokens=max_tokens)
+        out = eem.generate(ids, am, max_new_tokens=N, eos_token_id=[], mode="exact")
+        assert torch.equal(out.sequences, ref), (depth, max_tokens)
+        assert out.stats["long_rope_rebuilds"] == 3
+
+
+def test_the_factor_rule():
+    # Row 0: 4 prompt tokens; row 1: 2 after 2 padding columns, so in generate's lock step its
+    # position p runs when the batch's sequence is p + 3 long. Original context 6.
+    lr = LongRope(6, torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]]))
+    pos = torch.arange(8).expand(2, 8)
+    expected = torch.tensor([[False] * 6 + [True] * 2, [False] * 2 + [False] * 2 + [True] * 4])
+    assert torch.equal(lr.long(pos), expected)
+    assert lr.switch.tolist() == [6, 4]
+    running = torch.tensor([True, True])
+    assert lr.room(torch.tensor([4, 2]), running) == 1  # row 1 may process positions 2 and 3 only
+    assert lr.room(torch.tensor([4, 2]), torch.tensor([True, False])) == 1
+    assert lr.room(torch.tensor([5, 3]), running) == 0
+    assert lr.due(torch.tensor([5, 4]), running).tolist() == [False, True]
+    lr.rebuilt |= lr.due(torch.tensor([5, 4]), running)
+    assert lr.room(torch.tensor([5, 5]), running) == 0 and lr.room(torch.tensor([6, 5]), running) > N
+    assert lr.due(torch.tensor([6, 6]), running).tolist() == [True, False]
+    # A prompt past the context: long factors everywhere, nothing to rebuild.
+    past = LongRope(3, torch.ones(1, 4, dtype=torch.long))
+    assert bool(past.long(torch.arange(6)[None]).all()) and past.switch is None
+    assert not past.due(torch.tensor([9]), torch.tensor([True])).any()
+
+
+def test_rotary_tables_are_the_modules_own():
+    model = tiny_causal_lm("phi3", num_layers=2, longrope_context=9)
+    adapter = EarlyExitLM(model, [1]).adapter
+    assert adapter.longrope_context == 9 and adapter.dynamic_rope_context is None
+    rotary_emb = model.model.rotary_emb
+    h = torch.zeros(2, 1, 64)
+    pos = torch.tensor([[3], [8]])
+    short = rotary_emb(h, pos)  # the call's last position is inside the context: short factors
+    long_ = rotary_emb(h, torch.tensor([[3, 12], [8, 12]]))  # past it: long factors
+    assert not torch.equal(short[0], long_[0][:, :1])
+    pick = torch.tensor([[False], [True]])
+    cos, sin = adapter.rotary(h, pos, pick)
+    assert torch.equal(cos[0], short[0][0]) and torch.equal(sin[0], short[1][0])
+    assert torch.equal(cos[1], long_[0][1, :1]) and torch.equal(sin[1], long_[1][1, :1])
+    plain = EarlyExitLM(tiny_causal_lm("phi3", num_layers=2), [1]).adapter
+    assert plain.longrope_context is None and plain.dynamic_rope_context is None
+    with pytest.raises(ValueError, match="long: .*longrope"):
+        plain.rotary(h, pos, pick)
+
+
+def test_dynamic_ntk_past_its_original_context_warns(recwarn):
+    ids, am = left_padded_batch()
+    model = tiny_causal_lm("llama", num_layers=L, dynamic_rope_context=9)
+    eem = EarlyExitLM(model, [2, 4], threshold=0.05)
+    assert eem.adapter.dynamic_rope_context == 9 and eem.adapter.longrope_context is None
+    eem.draft = DraftPolicy(2, max_tokens=4)
+    out = eem.generate(ids, am, max_new_tokens=2, eos_token_id=[], mode="exact")  # 7 + 2 positions: inside
+    assert not [w for w in recwarn if "dynamic-NTK" in str(w.message)]
+    assert torch.equal(out.sequences, _reference(model, ids, am, 2))
+    message = r"max_new_tokens: 7 prompt positions \+ 3 new tokens .*original context \(9\) .*dynamic-NTK"
+    with pytest.warns(UserWarning, match=message):
+        eem.generate(ids, am, max_new_tokens=3, mode="exact")
