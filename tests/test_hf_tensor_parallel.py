@@ -1,8 +1,10 @@
 """EarlyExitLM on a model sharded by transformers' tensor parallelism (tp_plan="auto"), world 2, gloo, CPU.
 
 The test spawns two processes itself (a FileStore rendezvous, no network port), each loads the same saved
-random-weight Llama with ``tp_plan="auto"`` and runs every mode; the results come back as files and are
-compared here with the single-process model's ``generate``. The vocabulary (301) is odd, so the two
+random-weight models (a Llama and one of each family of tests/tiny_models.py: their plans differ, e.g.
+Phi-3's fused projections and OLMo 2's whole-projection q/k norms are gathered) with ``tp_plan="auto"``
+and runs every mode; the results come back as files and are compared here with the single-process
+model's ``generate``. The vocabulary (301) is odd, so the two
 lm_head shards are uneven (151 and 150 rows); transformers before 5.21 shards only a vocabulary that
 the world size divides, and there it is 300.
 """
@@ -21,7 +23,7 @@ transformers = pytest.importorskip("transformers")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("needs torch.distributed with gloo", allow_module_level=True)
 
-from tiny_models import tiny_causal_lm  # noqa: E402
+from tiny_models import FAMILY_KINDS, tiny_causal_lm  # noqa: E402
 
 from earlyexit.ops.backends import _release  # noqa: E402
 
@@ -32,7 +34,11 @@ EXITS = [2, 4]
 _UNEVEN_SHARDS = _release(transformers.__version__) >= (5, 21)
 VOCAB = 301 if _UNEVEN_SHARDS else 300
 NEW = 12
-DEADLINE_S = 120
+KINDS = ("llama", *FAMILY_KINDS)
+#: Exit thresholds at which each tiny model's tokens exit at both exit layers and at full depth (Gemma's
+#: final-logit softcap keeps its probabilities low).
+THRESHOLDS = {"llama": 0.1, "gemma2": 0.16, "gemma3": 0.16, "phi3": 0.3, "granite": 0.1, "olmo2": 0.3}
+DEADLINE_S = 300
 
 
 def _batch():
@@ -46,13 +52,15 @@ def _batch():
 
 
 def _load_tp(folder):
-    """The saved model sharded by transformers' own plan (tp_plan="auto"), in eval mode."""
+    """The saved model sharded by transformers' own plan (tp_plan="auto"), in eval mode, eager attention
+    (the one implementation every family has)."""
+    load = transformers.AutoModelForCausalLM.from_pretrained
     try:
         from transformers.distributed import DistributedConfig
     except ImportError:  # before DistributedConfig, the plan was a from_pretrained argument
-        return transformers.AutoModelForCausalLM.from_pretrained(folder, tp_plan="auto").eval()
+        return load(folder, tp_plan="auto", attn_implementation="eager").eval()
     config = DistributedConfig(tp_plan="auto")
-    return transformers.AutoModelForCausalLM.from_pretrained(folder, distributed_config=config).eval()
+    return load(folder, distributed_config=config, attn_implementation="eager").eval()
 
 
 def _generate(model, ids, am):
@@ -60,7 +68,7 @@ def _generate(model, ids, am):
         return model.generate(ids, attention_mask=am, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
 
 
-def _run_modes(model, ids, am):
+def _run_modes(model, threshold, ids, am):
     """Every mode on the tensor-parallel model, recording how the exit head and the lm_head are used."""
     import earlyexit
     import earlyexit.hf.forward as forward
@@ -75,7 +83,7 @@ def _run_modes(model, ids, am):
 
     forward.exit_check = recording_exit_check
     model.lm_head.register_forward_pre_hook(lambda *_: calls.__setitem__("lm_head", calls["lm_head"] + 1))
-    eem = earlyexit.EarlyExitLM(model, EXITS, threshold=0.1)
+    eem = earlyexit.EarlyExitLM(model, EXITS, threshold=threshold)
     out = {"head": {k: v for k, v in eem.adapter.exit_head.items() if k in ("vocab_start", "vocab_size")}}
     out["head"]["rows"] = eem.adapter.exit_head["weight"].shape[0]
 
@@ -120,7 +128,7 @@ def _worker(rank, folder, out_dir):
     dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     torch.set_num_threads(1)
     try:
-        out = _run_modes(_load_tp(os.path.join(folder, "model")), *_batch())
+        out = {kind: _run_modes(_load_tp(os.path.join(folder, kind)), THRESHOLDS[kind], *_batch()) for kind in KINDS}
         out["split_heads_error"] = _split_heads_error(os.path.join(folder, "split_heads"))
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -128,11 +136,14 @@ def _worker(rank, folder, out_dir):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """(single-process generate, [per-rank results]) from one spawned world-2 run."""
+def world(tmp_path_factory):
+    """({kind: single-process generate}, [per-rank results]) from one spawned world-2 run."""
     folder = tmp_path_factory.mktemp("tp_models")
-    model = tiny_causal_lm("llama", num_layers=L, vocab_size=VOCAB)
-    model.save_pretrained(folder / "model")
+    reference = {}
+    for kind in KINDS:
+        model = tiny_causal_lm(kind, num_layers=L, vocab_size=VOCAB, attn_implementation="eager")
+        model.save_pretrained(folder / kind)
+        reference[kind] = _generate(model.eval(), *_batch())
     # 3 key/value heads over 2 ranks: transformers' colwise plan splits a head.
     split = transformers.LlamaForCausalLM(
         transformers.LlamaConfig(
@@ -145,7 +156,6 @@ def runs(tmp_path_factory):
         )
     )
     split.save_pretrained(folder / "split_heads")
-    reference = _generate(model.eval(), *_batch())
 
     out_dir = str(tmp_path_factory.mktemp("tp_out"))
     # Spawned children get this process's sys.path, so they import this module and tiny_models too.
@@ -160,6 +170,13 @@ def runs(tmp_path_factory):
             if p.is_alive():
                 p.kill()
     return reference, [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+
+
+@pytest.fixture(params=KINDS)
+def runs(world, request):
+    """(single-process generate, [per-rank results]) of one model."""
+    reference, ranks = world
+    return reference[request.param], [r[request.param] for r in ranks]
 
 
 def test_exit_head_reads_the_local_shard(runs):
@@ -203,7 +220,7 @@ def test_exit_mode_never_gathers_the_lm_head(runs):
         assert (r["full_layer"] == L).all()
 
 
-def test_split_attention_heads_raise(runs):
-    _, ranks = runs
+def test_split_attention_heads_raise(world):
+    _, ranks = world
     for r in ranks:
         assert r["split_heads_error"] is not None and "splits the attention heads" in r["split_heads_error"]
