@@ -253,6 +253,23 @@ class EarlyExitLM:
             pad = ids[0] if ids else 0
         return eos, pad
 
+    def _chooser(self, do_sample, **filters):
+        """The :class:`TokenChooser` of a call: each filter given, else the generation config's, else off;
+        ValueError naming the argument (or generation_config.<name>) for a bad value."""
+        gen = getattr(self.model, "generation_config", None)
+        values = {}
+        for name, value in filters.items():
+            source = name
+            if value is None and do_sample:  # greedy decoding reads no filter: a config's odd value is harmless
+                value, source = getattr(gen, name, None), f"generation_config.{name}"
+            if value is None:
+                value = _SAMPLING_OFF[name]
+            check, expected = _SAMPLING_CHECKS[name]
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not check(value):
+                raise ValueError(f"{source}: expected {expected}, got {value!r}")
+            values[name] = int(value) if name == "top_k" else float(value)
+        return TokenChooser(do_sample, **values)
+
     def _schedule_depths(self, schedule, mode, max_new_tokens):
         """Exit mode's layers per position for this call (a list of ints), or None for exit checks.
 
@@ -279,8 +296,10 @@ class EarlyExitLM:
         mode="exit",
         eos_token_id=None,
         do_sample=False,
-        temperature=1.0,
-        top_p=1.0,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        min_p=None,
         schedule=None,
     ):
         """Generate with early exits.
@@ -294,7 +313,13 @@ class EarlyExitLM:
                 ``model.generate`` greedy token for token, or follows its distribution when sampling).
             eos_token_id: int or list of ints in [0, V); None uses the model's generation config; ``[]``
                 means no end of sequence (even when the generation config has one). Rows stop there.
-            do_sample, temperature, top_p: sampling as in ``model.generate`` (greedy by default).
+            do_sample: sample instead of greedy decoding (greedy by default; unlike ``model.generate``,
+                the generation config's ``do_sample`` is not read).
+            temperature, top_p, top_k, min_p: the sampling filters of ``model.generate(do_sample=True)``,
+                in its order (:class:`~earlyexit.hf.sampling.TokenChooser`); None takes the model's
+                generation config's value, as ``model.generate`` does, and off (1.0, 1.0, 0, 0.0) where
+                it has none. temperature > 0, top_p in (0, 1], top_k an int >= 0 (0: off), min_p in
+                [0, 1]: a value given is checked whether sampling or not, the config's when sampling.
             schedule: a position schedule for this call (as the constructor's ``schedule``; None:
                 ``self.schedule``), exit mode only. Position t of the call runs ``schedule(t)`` decoder
                 layers in every row (checked over the call's positions: ints in [1, L], non-increasing),
@@ -332,10 +357,7 @@ class EarlyExitLM:
             raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-        if not temperature > 0:
-            raise ValueError(f"temperature: expected > 0, got {temperature!r}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p: expected a value in (0, 1], got {top_p!r}")
+        chooser = self._chooser(do_sample, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
         depths = self._schedule_depths(schedule, mode, max_new_tokens)
         context = self.adapter.dynamic_rope_context
         if context is not None and input_ids.shape[1] + max_new_tokens > context:
@@ -358,11 +380,22 @@ class EarlyExitLM:
             mode=mode,
             eos=eos,
             pad=pad,
-            chooser=TokenChooser(do_sample, float(temperature), float(top_p)),
+            chooser=chooser,
             policy=self._draft_policy() if mode == "exact" else None,
             progress=self.progress,
             schedule=depths,
         )
+
+
+#: Each sampling filter's value when neither the call nor the generation config sets it: off.
+_SAMPLING_OFF = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
+#: (check, what it expects) per sampling filter.
+_SAMPLING_CHECKS = {
+    "temperature": (lambda v: v > 0 and math.isfinite(v), "a finite value > 0"),
+    "top_p": (lambda v: 0 < v <= 1, "a value in (0, 1]"),
+    "top_k": (lambda v: isinstance(v, numbers.Integral) and v >= 0, "an int >= 0 (0: off)"),
+    "min_p": (lambda v: 0 <= v <= 1, "a value in [0, 1]"),
+}
 
 
 def _eos_ids(eos_token_id, V, name):
