@@ -10,10 +10,12 @@ layer over the generated tokens (no exit checks at all). CPU: SmolLM2-135M (floa
 at batch 1 and 4.
 
 Reported per row: the mean decode step time (a call's time minus that of a one-token call with the same
-prompt, over the new tokens but the first: the prompt's prefill and the first token, reported beside it,
-do not dilute the step), decode tokens/s from it; the realized step-time saving against
-model.generate (full depth) next to the ideal saving from the layers skipped (exit rate x share of
-layers after the exit); the share of step time spent in exit checks; for exact mode, the
+prompt made just before it in the same round, over the new tokens but the first: the prompt's prefill
+and the first token, reported beside it, do not dilute the step; the median over the rounds), decode
+tokens/s from it; the step relative to model.generate's (full depth) in the same round, its median over
+the rounds (step_vs_full) and their range (lo, hi: the run's own noise), and the realized saving
+(1 - step_vs_full) next to the ideal saving from the layers skipped (exit rate x share of layers after
+the exit); the share of step time spent in exit checks; for exact mode, the
 acceptance rate; for every row, the share of generated tokens equal to model.generate's at the same
 position (prompts are random tokens, so after a first difference the continuations usually part).
 "ee-full" is EarlyExitLM with an unreachable threshold: its gap to model.generate is the overhead of
@@ -24,12 +26,14 @@ Usage: python benchmarks/bench_generate.py [--quick] [--device cuda] [--new-toke
 
 import argparse
 import os
+import statistics
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_utils import environment, format_table, timed_rounds, write_csv  # noqa: E402
+from bench_utils import environment, format_table, synchronize, timed_rounds, write_csv  # noqa: E402
 
 from earlyexit import EarlyExitLM, SkipDecodeSchedule  # noqa: E402
 from earlyexit.tuning.calibrate import exit_scores  # noqa: E402
@@ -68,10 +72,42 @@ def threshold_for_rate(model, exit_layer, rate, vocab, device, measure="max_prob
     return torch.quantile(scores[torch.isfinite(scores)], 1 - rate).item()
 
 
-def decode_step(timed, label, new_tokens):
-    """(seconds per decode step, seconds of the prefill and first token) of runner ``label`` in ``timed``."""
-    first = timed[label + " (1 token)"][1]
-    return max(timed[label][1] - first, 0.0) / (new_tokens - 1), first
+def paired_steps(makers, new_tokens, device, repeats):
+    """Per-round decode steps of each maker, from a one-token call and a ``new_tokens`` call back to back.
+
+    makers: {label: make(n) -> output}, timed in interleaved, rotated rounds (:func:`timed_rounds`, whose
+    warm-up run is dropped). Returns {label: (output of the last new_tokens call, step seconds per
+    round [repeats], seconds of the one-token call per round [repeats])}; a step is the difference of
+    the two calls over new_tokens - 1 (0 when noise makes it negative).
+    """
+    record = {label: [] for label in makers}
+
+    def paired(label, make):
+        def run():
+            synchronize(device)
+            t0 = time.perf_counter()
+            make(1)
+            synchronize(device)
+            t1 = time.perf_counter()
+            out = make(new_tokens)
+            synchronize(device)
+            t2 = time.perf_counter()
+            record[label].append((max(t2 - t1 - (t1 - t0), 0.0) / (new_tokens - 1), t1 - t0))
+            return out
+
+        return run
+
+    timed = timed_rounds({label: paired(label, make) for label, make in makers.items()}, device, repeats)
+    return {
+        label: (timed[label][0], [s for s, _ in record[label][1:]], [f for _, f in record[label][1:]])
+        for label in makers
+    }
+
+
+def _ratio(steps, base):
+    """(median, min, max) over rounds of steps[r] / base[r] (None where a base step is 0)."""
+    ratios = [s / b for s, b in zip(steps, base) if b > 0]
+    return (statistics.median(ratios), min(ratios), max(ratios)) if ratios else (None, None, None)
 
 
 def bench_model(name, model, device, batches, rates, new_tokens, repeats, prompt_len=32):
@@ -84,7 +120,7 @@ def bench_model(name, model, device, batches, rates, new_tokens, repeats, prompt
     schedule = SkipDecodeSchedule(layers, exit_layer, horizon=new_tokens - 1)
     for batch in batches:
         ids = torch.randint(1, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(batch)).to(device)
-        # Each runner makes (n tokens -> output); it is timed at new_tokens and at 1 token: the difference
+        # Each maker makes (n tokens -> output); it is timed at new_tokens and at 1 token: the difference
         # is new_tokens - 1 decode steps, without the prompt's prefill and the first token.
         makers = {
             "hf-generate": lambda n, ids=ids: model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
@@ -108,14 +144,11 @@ def bench_model(name, model, device, batches, rates, new_tokens, repeats, prompt
             makers[label] = lambda n, eem=eem, mode=mode, ids=ids: eem.generate(
                 ids, max_new_tokens=n, mode=mode, eos_token_id=[]
             )
-        runners = {}
-        for label, make in makers.items():
-            runners[label] = lambda make=make: make(new_tokens)
-            runners[label + " (1 token)"] = lambda make=make: make(1)
-        timed = timed_rounds(runners, device, repeats)
+        timed = paired_steps(makers, new_tokens, device, repeats)
 
-        greedy = timed["hf-generate"][0][:, prompt_len:]
-        base_step, base_first = decode_step(timed, "hf-generate", new_tokens)
+        greedy, base_steps, base_firsts = timed["hf-generate"]
+        greedy = greedy[:, prompt_len:]
+        base_step, base_first = statistics.median(base_steps), statistics.median(base_firsts)
         rows.append(
             dict(
                 model=name,
@@ -130,10 +163,11 @@ def bench_model(name, model, device, batches, rates, new_tokens, repeats, prompt
             )
         )
         for label, _, mode, rate in configs:
-            out = timed[label][0]
+            out, steps, firsts = timed[label]
             stats = out.stats
             exited = stats["tokens_per_exit_layer"].get(exit_layer, 0) / max(stats["new_tokens"], 1)
-            step, first = decode_step(timed, label, new_tokens)
+            step, first = statistics.median(steps), statistics.median(firsts)
+            vs_full, lo, hi = _ratio(steps, base_steps)
             # The layers not run, as a share of full depth (the schedule's exits are at every depth).
             ideal = 1 - stats["mean_layers_per_token"] / layers
             rows.append(
@@ -146,9 +180,11 @@ def bench_model(name, model, device, batches, rates, new_tokens, repeats, prompt
                     step_ms=step * 1e3,
                     prefill_ms=first * 1e3,
                     tokens_per_s=batch / step if step > 0 else None,
-                    saving=1 - step / base_step,
+                    saving=None if vs_full is None else 1 - vs_full,
                     ideal_saving=ideal if mode == "exit" else None,
-                    step_vs_full=step / base_step,
+                    step_vs_full=vs_full,
+                    step_vs_full_lo=lo,
+                    step_vs_full_hi=hi,
                     agreement=(out.sequences[:, prompt_len:] == greedy).float().mean().item(),
                     head_rows_per_token=stats["head_rows"] / max(stats["new_tokens"], 1),
                     exit_check_share=stats.get("exit_check_time_share"),
@@ -165,7 +201,12 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="smaller sweep (the GPU check script uses this)")
     p.add_argument("--new-tokens", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds (the median is reported)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="interleaved timed rounds (medians and the range of the per-round ratios are reported)",
+    )
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     args = p.parse_args(argv)
     if args.new_tokens is not None and args.new_tokens < 2:
@@ -198,7 +239,7 @@ def main(argv=None):
     for r in rows:
         r.update(env)
     cols = ["model", "batch", "mode", "exit_rate", "step_ms", "prefill_ms", "tokens_per_s", "saving", "ideal_saving"]
-    cols += ["step_vs_full"]
+    cols += ["step_vs_full", "step_vs_full_lo", "step_vs_full_hi"]
     print(format_table(rows, cols + ["exit_check_share", "acceptance", "agreement", "head_rows_per_token"]))
     stem = f"generate_{env['device']}_torch{env['torch']}".replace("+", "_")
     write_csv(os.path.join(args.out, stem + ".csv"), rows)
