@@ -37,10 +37,11 @@ class RowCache:
         self._shape = (batch, num_kv_heads, head_dim)
         self._dtype, self._device = dtype, device
         self.reserved = 0
-        #: None, or for a longrope rotary which positions take the long factors: a callable
-        #: position_ids [B, q] -> bool [B, q] (:class:`~earlyexit.hf.long_rope.LongRope`), read by the
-        #: forwards that compute these rows' keys.
-        self.rope_long = None
+        #: None, or for a rotary whose frequencies follow the call's length the length each position
+        #: takes them from: a callable position_ids [B, q] -> int64 [B, q]
+        #: (:meth:`~earlyexit.hf.lock_step_rope.LockStepRope.lengths`), read by the forwards that
+        #: compute these rows' keys.
+        self.rope_lengths = None
 
     @property
     def length(self):

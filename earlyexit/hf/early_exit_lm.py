@@ -39,7 +39,6 @@ takes no schedule.
 
 import math
 import numbers
-import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -359,16 +358,6 @@ class EarlyExitLM:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
         chooser = self._chooser(do_sample, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
         depths = self._schedule_depths(schedule, mode, max_new_tokens)
-        context = self.adapter.dynamic_rope_context
-        if context is not None and input_ids.shape[1] + max_new_tokens > context:
-            warnings.warn(
-                f"max_new_tokens: {input_ids.shape[1]} prompt positions + {max_new_tokens} new tokens may pass the "
-                f"original context ({context}) of this model's dynamic-NTK rotary embedding, whose frequencies "
-                "grow with each call's length and are kept as the module's state between calls; past that point "
-                "EarlyExitLM does not reproduce model.generate's sequence of calls, so mode='exact' is not "
-                "guaranteed to equal model.generate",
-                stacklevel=2,
-            )
         device = self.adapter.device
         eos, pad = self._special_tokens(eos_token_id)
         return generate(

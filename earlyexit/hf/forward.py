@@ -83,8 +83,8 @@ class _Rows:
 
 def _rotary(adapter, cache, hidden, pos):
     """The rotary tables of positions pos [B, q] of every batch row of ``cache``."""
-    long = None if cache.rope_long is None else cache.rope_long(pos)
-    return adapter.rotary(hidden, pos, long)
+    lengths = None if cache.rope_lengths is None else cache.rope_lengths(pos)
+    return adapter.rotary(hidden, pos, lengths)
 
 
 def _prologue(adapter, cache, input_ids, attention_mask, running):

@@ -24,7 +24,7 @@ from earlyexit.hf.forward import (
     schedule_step,
     verify_forward,
 )
-from earlyexit.hf.long_rope import LongRope
+from earlyexit.hf.lock_step_rope import LockStepRope
 from earlyexit.timing import synchronized_clock
 
 
@@ -65,10 +65,13 @@ class _Run:
         self.adapter = adapter
         self.cache = self._new_cache(batch, device)
         self.prompt_ids, self.prompt_mask = input_ids, attention_mask
-        self.long_rope = None
-        if adapter.longrope_context is not None:
-            self.long_rope = LongRope(adapter.longrope_context, attention_mask)
-            self.cache.rope_long = self.long_rope.long
+        self.lock_step = None
+        if adapter.lock_step_rope_type is not None:
+            lock = LockStepRope(adapter.lock_step_rope_type, adapter.lock_step_context, attention_mask)
+            # Dynamic NTK: the module's state after generate's prompt call (lengths below it take its frequencies).
+            lock.floor = adapter.lock_step_call(lock.longest)
+            self.lock_step = lock
+            self.cache.rope_lengths = lock.lengths
         self.counters = Counters()
         self.max_new_tokens = max_new_tokens
         self.eos = eos
@@ -113,15 +116,15 @@ class _Run:
         """Most drafts the next exact-mode round may make (>= 0): the tokens left, and with a longrope
         rotary no block that would reach a running row's switch before its cache is rebuilt."""
         limit = self.remaining() - 1
-        if self.long_rope is not None:
-            limit = min(limit, self.long_rope.room(self.next_positions(), running))
+        if self.lock_step is not None:
+            limit = min(limit, self.lock_step.room(self.next_positions(), running))
         return limit
 
     def cross_long_rope(self, running):
         """With a longrope rotary: rebuild the cache of the running rows about to process their first
-        long position (:mod:`~earlyexit.hf.long_rope`), at full depth with the long factors, as
+        long position (:mod:`~earlyexit.hf.lock_step_rope`), at full depth with the long factors, as
         ``model.generate`` recomputes its cache there. Between steps; a no-op for other rotaries."""
-        lr = self.long_rope
+        lr = self.lock_step
         if lr is None:
             return
         due = lr.due(self.next_positions(), running)
@@ -137,13 +140,18 @@ class _Run:
         tokens = torch.full(cached.shape, self.pad, dtype=torch.int64, device=cached.device)
         tokens[cached.bool()] = torch.cat(seqs)
         fresh = self._new_cache(rows.shape[0], rows.device)
-        fresh.rope_long = lambda pos: torch.ones_like(pos, dtype=torch.bool)
+        fresh.rope_lengths = lambda pos: torch.full_like(pos, lr.original + 1)  # generate's recompute call
         full_forward(self.adapter, fresh, tokens, cached, torch.ones_like(rows, dtype=torch.bool), self.counters)
         for layer, new in zip(self.cache.cache.layers, fresh.cache.layers):
             layer.keys.index_copy_(0, rows, new.keys)
             layer.values.index_copy_(0, rows, new.values)
         lr.rebuilt |= due
         self.rope_rebuilds += rows.shape[0]
+
+    def finish_lock_step(self):
+        """Leave a dynamic NTK rotary module in the state model.generate's last call would have left."""
+        if self.lock_step is not None:
+            self.adapter.lock_step_call(self.lock_step.last_length(int(self.count.max())))
 
     def ones(self, n):
         """attention_mask extended by n real positions: [B, S + n]."""
@@ -428,7 +436,7 @@ def _stats(run, spec, mode, seconds, exit_layer):
     seconds, tokens_per_s, exit_check_time_share, propagated_layer_rows (k/v-only layer
     computations of state propagation), head_rows (rows x positions the exit head evaluated: exit
     checks, drafts, token choice and verification), long_rope_rebuilds (rows whose cache was rebuilt at
-    full depth at their longrope switch, :mod:`~earlyexit.hf.long_rope`; their layers count in
+    full depth at their longrope switch, :mod:`~earlyexit.hf.lock_step_rope`; their layers count in
     layer_compute_skipped); exact mode also
     acceptance_rate (share of verified drafts equal to the verifier's token, per row),
     full_depth_passes_per_token (verification passes per generated position; plain steps are not
@@ -501,6 +509,7 @@ def generate(
             run = generate_exact(
                 adapter, spec, input_ids, attention_mask, max_new_tokens, eos, pad, chooser, policy, progress
             )
+        run.finish_lock_step()
     seconds = synchronized_clock(device) - t0
     tokens, exit_layer = run.outputs()
     sequences = torch.cat([input_ids, tokens], dim=1)

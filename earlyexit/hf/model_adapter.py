@@ -125,7 +125,7 @@ class ModelAdapter:
             starts = [sum(widths[:i]) for i in range(len(widths))]
             cols = {t: slice(a, a + w) for t, a, w in zip(self.rotary_types, starts, widths)}
             self._rotary_cols = [cols[t] for t in config.layer_types]
-        self.longrope_context, self.dynamic_rope_context = self._rope_contexts(model, config)
+        self.lock_step_rope_type, self.lock_step_context = self._lock_step_rope(model, config)
         # The module's own rotary function, so propagated keys match the layers' keys bit for bit.
         self._apply_rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
 
@@ -180,37 +180,38 @@ class ModelAdapter:
         return hidden
 
     @staticmethod
-    def _rope_contexts(model, config):
-        """(longrope, dynamic NTK) original context of the rotary embedding, each None for other types.
-
-        Past it transformers changes a call's frequencies with the call's length: longrope from its
-        short to its long factors (:mod:`~earlyexit.hf.long_rope` reproduces generate's switch),
-        dynamic NTK to ones grown for each length, kept as state of the module between calls.
-        """
-        rope_type = getattr(model.model.rotary_emb, "rope_type", None)
-        if rope_type not in ("longrope", "dynamic"):
+    def _lock_step_rope(model, config):
+        """("longrope" or "dynamic", its original context C) for a rotary embedding whose frequencies
+        follow each call's length (:mod:`~earlyexit.hf.lock_step_rope`), else (None, None)."""
+        rotary_emb = model.model.rotary_emb
+        rope_type = getattr(rotary_emb, "rope_type", None)
+        if rope_type == "dynamic":  # its state starts at, and resets to, max_position_embeddings
+            return rope_type, int(getattr(rotary_emb, "original_max_seq_len", config.max_position_embeddings))
+        if rope_type != "longrope":
             return None, None
         params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
         original = getattr(config, "original_max_position_embeddings", None) or params.get(
             "original_max_position_embeddings"
         )
-        context = int(original or config.max_position_embeddings)
-        return (context, None) if rope_type == "longrope" else (None, context)
+        return rope_type, int(original or config.max_position_embeddings)
 
-    def rotary(self, hidden, position_ids, long=None):
+    def rotary(self, hidden, position_ids, lengths=None):
         """(cos, sin) for position_ids [N, q], each [N, q, R].
 
         R is the rotary width (head_dim, or less with partial rotary), or for a family with rotary
         settings per layer type the widths of every type in :attr:`rotary_types` concatenated.
-        long: None (the rotary module's own choice for the call), or for a longrope rotary a bool
-        [N, q] saying which positions take the long factors (:meth:`LongRope.long
-        <earlyexit.hf.long_rope.LongRope.long>`), each table computed by the module itself.
+        lengths: None (the rotary module's own frequencies for the call), or for a longrope or dynamic
+        NTK rotary (:attr:`lock_step_rope_type`) int64 [N, q], the call length whose frequencies each
+        position takes (:meth:`LockStepRope.lengths <earlyexit.hf.lock_step_rope.LockStepRope.lengths>`),
+        each table computed by the module itself; a dynamic module's state is left as it was.
         """
         rotary_emb = self.model.model.rotary_emb
-        if long is not None:
-            if self.longrope_context is None:
-                raise ValueError("long: a factor choice applies to a longrope rotary embedding only")
-            return self._longrope_tables(rotary_emb, hidden, position_ids, long)
+        if lengths is not None:
+            if self.lock_step_rope_type is None:
+                raise ValueError("lengths: per-position lengths apply to a longrope or dynamic NTK rotary only")
+            if self.lock_step_rope_type == "longrope":
+                return self._longrope_tables(rotary_emb, hidden, position_ids, lengths > self.lock_step_context)
+            return self._dynamic_tables(rotary_emb, hidden, position_ids, lengths)
         if self.rotary_types is None:
             return rotary_emb(hidden, position_ids)
         tables = [rotary_emb(hidden, position_ids, t) for t in self.rotary_types]
@@ -221,13 +222,42 @@ class ModelAdapter:
         # original context C, else its short ones; each position's table depends only on its position.
         # So the short tables come from positions clamped below C (those that take them already are),
         # the long ones from a call with one more position, at C, which is then dropped.
-        context = self.longrope_context
+        context = self.lock_step_context
         short = rotary_emb(hidden, position_ids.clamp(max=context - 1))
-        forced = torch.cat([position_ids, position_ids.new_full((position_ids.shape[0], 1), context)], dim=1)
-        q = position_ids.shape[1]
-        long_tables = [t[:, :q] for t in rotary_emb(hidden, forced)]
+        long_tables = _with_last_position(rotary_emb, hidden, position_ids, context)
         pick = long[..., None]
         return tuple(torch.where(pick, lt, st) for lt, st in zip(long_tables, short))
+
+    def _dynamic_tables(self, rotary_emb, hidden, position_ids, lengths):
+        # Per distinct length, the module's own update from its original state (frequencies grown to
+        # that length past C, its original ones within C), through a call whose last position is
+        # length - 1; the module's state is put back after each.
+        cos = sin = None
+        for length in lengths.unique().tolist():
+            state = (rotary_emb.max_seq_len_cached, rotary_emb.inv_freq, rotary_emb.attention_scaling)
+            rotary_emb.max_seq_len_cached = rotary_emb.original_max_seq_len
+            rotary_emb.inv_freq = rotary_emb.original_inv_freq.clone()
+            try:
+                c, s = _with_last_position(rotary_emb, hidden, position_ids, length - 1)
+            finally:
+                rotary_emb.max_seq_len_cached, rotary_emb.inv_freq, rotary_emb.attention_scaling = state
+            if cos is None:
+                cos, sin = c, s
+            else:
+                pick = (lengths == length)[..., None]
+                cos, sin = torch.where(pick, c, cos), torch.where(pick, s, sin)
+        return cos, sin
+
+    def lock_step_call(self, length):
+        """Apply to a dynamic NTK rotary module the state update of a model.generate call of this
+        length (its last position length - 1), as that call would; returns the longest length the
+        module then holds (``max_seq_len_cached``). Other rotaries: a no-op, returns 0."""
+        if self.lock_step_rope_type != "dynamic":
+            return 0
+        rotary_emb = self.model.model.rotary_emb
+        x = torch.zeros(1, 1, 1, dtype=self.dtype, device=self.device)
+        rotary_emb(x, torch.full((1, 1), length - 1, dtype=torch.int64, device=self.device))
+        return int(rotary_emb.max_seq_len_cached)
 
     def _layer_rotary(self, idx, cos, sin):
         """Layer ``idx``'s own part of :meth:`rotary`'s tables (views; the tables themselves for one type)."""
@@ -321,3 +351,10 @@ class ModelAdapter:
         if kwargs["bias"] is not None:
             kwargs["bias"] = kwargs["bias"].index_select(0, token_ids)
         return kwargs
+
+
+def _with_last_position(rotary_emb, hidden, position_ids, last):
+    """The rotary module's tables of position_ids [N, q] in a call that also has position ``last`` (an
+    extra column, dropped): the call's length, which sets the frequencies, is then at least last + 1."""
+    forced = torch.cat([position_ids, position_ids.new_full((position_ids.shape[0], 1), last)], dim=1)
+    return tuple(t[:, : position_ids.shape[1]] for t in rotary_emb(hidden, forced))

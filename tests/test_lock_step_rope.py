@@ -1,13 +1,15 @@
-"""Longrope (Phi-3 128k) past its original context: the loops equal model.generate across the switch.
+"""Rotaries that follow the call's length, past their original context: the loops equal model.generate.
 
-transformers' generate switches a longrope rotary to its long factors at the first step past
-``original_max_position_embeddings`` and recomputes its cache there (earlyexit/hf/long_rope.py says
-how the loops reproduce it). Tiny random-weight Phi-3s whose long factors are 4x the short ones, with
-original contexts that the 12 generated tokens cross. The oracle is :func:`_lock_step`, greedy
-decoding through the model's own forward as generate runs it; on transformers 5.24 it equals
-model.generate (checked here). transformers 5.17's generate drops the cache at the switch but then
-feeds the model the last token only, so from there on each token attends to itself alone: a bug of
-that version, which the loops do not reproduce.
+Longrope (Phi-3 128k): transformers' generate switches to the long factors at the first step past
+``original_max_position_embeddings`` and recomputes its cache there. Dynamic NTK (a Llama): the
+frequencies grow with each call's length, and the module keeps the longest length as state between
+calls. earlyexit/hf/lock_step_rope.py says how the loops reproduce both. Tiny random-weight models
+(longrope: long factors 4x the short ones) with original contexts that the generated tokens cross.
+The longrope oracle is :func:`_lock_step`, greedy decoding through the model's own forward as generate
+runs it; on transformers 5.24 it equals model.generate (checked here). transformers 5.17's generate
+drops the cache at the switch but then feeds the model the last token only, so from there on each
+token attends to itself alone: a bug of that version, which the loops do not reproduce. The dynamic
+NTK oracle is model.generate itself, call after call on a twin model.
 """
 
 import inspect
@@ -23,7 +25,7 @@ from tiny_models import left_padded_batch, tiny_causal_lm  # noqa: E402
 
 from earlyexit import EarlyExitLM  # noqa: E402
 from earlyexit.hf import DraftPolicy  # noqa: E402
-from earlyexit.hf.long_rope import LongRope  # noqa: E402
+from earlyexit.hf.lock_step_rope import LockStepRope  # noqa: E402
 
 L = 6
 N = 12
@@ -120,10 +122,11 @@ def test_exact_mode_blocks_reach_the_switch_in_every_alignment(max_tokens):
 def test_the_factor_rule():
     # Row 0: 4 prompt tokens; row 1: 2 after 2 padding columns, so in generate's lock step its
     # position p runs when the batch's sequence is p + 3 long. Original context 6.
-    lr = LongRope(6, torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]]))
+    lr = LockStepRope("longrope", 6, torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]]))
     pos = torch.arange(8).expand(2, 8)
-    expected = torch.tensor([[False] * 6 + [True] * 2, [False] * 2 + [False] * 2 + [True] * 4])
-    assert torch.equal(lr.long(pos), expected)
+    # Prompt positions: the prompt's call (length 4); generated ones: position + 1 + the row's shift.
+    expected = torch.tensor([[4, 4, 4, 4, 5, 6, 7, 8], [4, 4, 5, 6, 7, 8, 9, 10]])
+    assert torch.equal(lr.lengths(pos), expected)
     assert lr.switch.tolist() == [6, 4]
     running = torch.tensor([True, True])
     assert lr.room(torch.tensor([4, 2]), running) == 1  # row 1 may process positions 2 and 3 only
@@ -134,40 +137,76 @@ def test_the_factor_rule():
     assert lr.room(torch.tensor([5, 5]), running) == 0 and lr.room(torch.tensor([6, 5]), running) > N
     assert lr.due(torch.tensor([6, 6]), running).tolist() == [True, False]
     # A prompt past the context: long factors everywhere, nothing to rebuild.
-    past = LongRope(3, torch.ones(1, 4, dtype=torch.long))
-    assert bool(past.long(torch.arange(6)[None]).all()) and past.switch is None
+    past = LockStepRope("longrope", 3, torch.ones(1, 4, dtype=torch.long))
+    assert bool((past.lengths(torch.arange(6)[None]) > 3).all()) and past.switch is None
     assert not past.due(torch.tensor([9]), torch.tensor([True])).any()
+    # Dynamic NTK: never rebuilt; lengths below the module's state after the prompt take that one.
+    dyn = LockStepRope("dynamic", 6, torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]]), floor=8)
+    assert dyn.switch is None and torch.equal(dyn.lengths(pos), expected.clamp(min=8))
+    assert dyn.last_length(5) == 8 and dyn.last_length(1) == 4 and dyn.last_length(0) == 4
 
 
 def test_rotary_tables_are_the_modules_own():
     model = tiny_causal_lm("phi3", num_layers=2, longrope_context=9)
     adapter = EarlyExitLM(model, [1]).adapter
-    assert adapter.longrope_context == 9 and adapter.dynamic_rope_context is None
+    assert (adapter.lock_step_rope_type, adapter.lock_step_context) == ("longrope", 9)
     rotary_emb = model.model.rotary_emb
     h = torch.zeros(2, 1, 64)
     pos = torch.tensor([[3], [8]])
     short = rotary_emb(h, pos)  # the call's last position is inside the context: short factors
     long_ = rotary_emb(h, torch.tensor([[3, 12], [8, 12]]))  # past it: long factors
     assert not torch.equal(short[0], long_[0][:, :1])
-    pick = torch.tensor([[False], [True]])
-    cos, sin = adapter.rotary(h, pos, pick)
+    lengths = torch.tensor([[9], [10]])  # within the context, past it
+    cos, sin = adapter.rotary(h, pos, lengths)
     assert torch.equal(cos[0], short[0][0]) and torch.equal(sin[0], short[1][0])
     assert torch.equal(cos[1], long_[0][1, :1]) and torch.equal(sin[1], long_[1][1, :1])
     plain = EarlyExitLM(tiny_causal_lm("phi3", num_layers=2), [1]).adapter
-    assert plain.longrope_context is None and plain.dynamic_rope_context is None
-    with pytest.raises(ValueError, match="long: .*longrope"):
-        plain.rotary(h, pos, pick)
+    assert (plain.lock_step_rope_type, plain.lock_step_context) == (None, None)
+    with pytest.raises(ValueError, match="lengths: .*longrope or dynamic"):
+        plain.rotary(h, pos, lengths)
 
 
-def test_dynamic_ntk_past_its_original_context_warns(recwarn):
+def _rotary_state(model):
+    """A dynamic NTK rotary module's state: (longest length held, its frequencies)."""
+    rotary_emb = model.model.rotary_emb
+    return int(rotary_emb.max_seq_len_cached), rotary_emb.inv_freq.clone()
+
+
+#: (rows, new tokens) of consecutive calls: they grow the module's state past the context (9), then
+#: a short prompt resets it (rows 1-2: 4 < 9 positions), then a long call after a short one.
+CALLS = [([0, 1, 2], 12), ([1, 2], 5), ([0], 14), ([1, 2], 3)]
+
+
+@pytest.mark.parametrize("mode", ["exact", "exact-short-blocks", "exit", "schedule"])
+def test_dynamic_ntk_equals_generate_across_calls(mode):
+    # Two models with the same weights and state: one decodes with model.generate, the other with the
+    # loops, call after call; the outputs and the module's state after each call must agree.
     ids, am = left_padded_batch()
-    model = tiny_causal_lm("llama", num_layers=L, dynamic_rope_context=9)
-    eem = EarlyExitLM(model, [2, 4], threshold=0.05)
-    assert eem.adapter.dynamic_rope_context == 9 and eem.adapter.longrope_context is None
-    eem.draft = DraftPolicy(2, max_tokens=4)
-    out = eem.generate(ids, am, max_new_tokens=2, eos_token_id=[], mode="exact")  # 7 + 2 positions: inside
-    assert not [w for w in recwarn if "dynamic-NTK" in str(w.message)]
-    assert torch.equal(out.sequences, _reference(model, ids, am, 2))
-    message = r"max_new_tokens: 7 prompt positions \+ 3 new tokens .*original context \(9\) .*dynamic-NTK"
-    with pytest.warns(UserWarning, match=message):
-        eem.generate(ids, am, max_new_tokens=3, mode="exact")
+    hf = tiny_causal_lm("llama", num_layers=L, dynamic_rope_context=9, seed=1)
+    ours = tiny_causal_lm("llama", num_layers=L, dynamic_rope_context=9, seed=1)
+    same_weights = tiny_causal_lm("llama", num_layers=L, seed=1)
+    eem = EarlyExitLM(ours, [2, 4], threshold=2.0)  # exit mode: nothing exits
+    assert (eem.adapter.lock_step_rope_type, eem.adapter.lock_step_context) == ("dynamic", 9)
+    eem.draft = DraftPolicy(2, max_tokens=2) if mode == "exact-short-blocks" else DraftPolicy(5, max_tokens=4)
+    accepted, held_lengths = 0, []
+    for rows, n in CALLS:
+        ref = _reference(hf, ids[rows], am[rows], n)
+        kwargs = {"schedule": lambda t: L} if mode == "schedule" else {}
+        out = eem.generate(
+            ids[rows],
+            am[rows],
+            max_new_tokens=n,
+            eos_token_id=[],
+            mode="exact" if mode.startswith("exact") else "exit",
+            **kwargs,
+        )
+        assert torch.equal(out.sequences, ref), (rows, n)
+        (held, freq), (ref_held, ref_freq) = _rotary_state(ours), _rotary_state(hf)
+        assert held == ref_held and torch.equal(freq, ref_freq), (rows, n)
+        held_lengths.append(held)
+        accepted += out.stats.get("acceptance_rate", 0) > 0
+    if mode.startswith("exact"):
+        assert accepted, "drafts should be accepted sometimes, else the test is vacuous"
+    assert held_lengths == [7 + 12 - 1, 9, 7 + 14 - 1, 9]  # grown by the last call, reset by a short prompt
+    # The grown frequencies change the text: the same weights with a plain rotary decode otherwise.
+    assert not torch.equal(_reference(same_weights, ids, am, 12), _reference(hf, ids, am, 12))
