@@ -84,7 +84,6 @@ class _Run:
         self.rounds = []  # exact mode: (DraftPolicy or None for a plain step, drafts verified) per round
         self.holes = 0  # exact mode: cache positions of rejected drafts masked out, summed over rows
         self.compactions = 0  # exact mode: times the cache was compacted along the sequence axis
-        self.rope_rebuilds = 0  # rows whose cache was rebuilt at their longrope switch
         # Invariant: attention_mask covers the cached positions plus the one of `pending`; a 0 marks
         # left padding or a hole (a rejected draft's position, see generate_exact).
         self.attention_mask = attention_mask
@@ -116,7 +115,7 @@ class _Run:
         """Most drafts the next exact-mode round may make (>= 0): the tokens left, and with a longrope
         rotary no block that would reach a running row's switch before its cache is rebuilt."""
         limit = self.remaining() - 1
-        if self.lock_step is not None:
+        if self.lock_step is not None and self.lock_step.switch is not None:
             limit = min(limit, self.lock_step.room(self.next_positions(), running))
         return limit
 
@@ -125,7 +124,7 @@ class _Run:
         long position (:mod:`~earlyexit.hf.lock_step_rope`), at full depth with the long factors, as
         ``model.generate`` recomputes its cache there. Between steps; a no-op for other rotaries."""
         lr = self.lock_step
-        if lr is None:
+        if lr is None or lr.switch is None:  # no longrope switch: nothing to check on this hot path
             return
         due = lr.due(self.next_positions(), running)
         if not bool(due.any()):
@@ -146,7 +145,6 @@ class _Run:
             layer.keys.index_copy_(0, rows, new.keys)
             layer.values.index_copy_(0, rows, new.values)
         lr.rebuilt |= due
-        self.rope_rebuilds += rows.shape[0]
 
     def finish_lock_step(self):
         """Leave a dynamic NTK rotary module in the state model.generate's last call would have left."""
@@ -462,7 +460,7 @@ def _stats(run, spec, mode, seconds, exit_layer):
         "exit_check_time_share": c.exit_check_s / seconds if seconds > 0 else 0.0,
         "propagated_layer_rows": c.propagated_layer_rows,
         "head_rows": c.head_rows,
-        "long_rope_rebuilds": run.rope_rebuilds,
+        "long_rope_rebuilds": 0 if run.lock_step is None else int(run.lock_step.rebuilt.sum()),
     }
     if mode == "exact":
         stats["acceptance_rate"] = c.matched / c.drafted if c.drafted else 0.0
