@@ -4,6 +4,8 @@ Tolerance scheme (from Cut Cross-Entropy): a backend's error against the float64
 exceed the error of plain torch in the same dtype by at most tol(dtype).
 """
 
+import math
+
 import torch
 
 from earlyexit.ops.measures import get_measure
@@ -74,3 +76,37 @@ def assert_tokens_close(token, z_true, z_naive, rows, dtype):
 
 def expected_exit(conf, threshold, measure):
     return get_measure(measure).exits(conf, threshold)
+
+
+def make_inputs(n, d, v, dtype, device, norm=True, bias=True, scale=1.0):
+    """Random hidden [n, d], head weight [v, d], RMSNorm weight [d] and bias [v] (None when not asked for)."""
+    hidden = (torch.randn(n, d) * scale).to(dtype).to(device)
+    weight = (torch.randn(v, d) / math.sqrt(d) * 4).to(dtype).to(device)
+    norm_weight = (torch.rand(d) + 0.5).to(dtype).to(device) if norm else None
+    b = torch.randn(v).to(dtype).to(device) if bias else None
+    return hidden, weight, norm_weight, b
+
+
+def check_against_truth(res, hidden, weight, norm_weight, bias, temperature=1.0, measure="max_prob", thr=None, **head):
+    """Asserts the tolerance contract for every statistic, the tokens and the exit decisions.
+
+    head: norm_offset / softcap, as given to the op."""
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    z_true = logits_float64(h2, weight, norm_weight, bias, temperature, **head)
+    z_naive = logits_naive(h2, weight, norm_weight, bias, temperature, **head)
+    truth = stats_from_logits(z_true)
+    naive = stats_from_logits(z_naive)
+    rows = torch.isfinite(truth["lse"])
+    err = max_err(res, truth, rows)
+    err_naive = {k: (naive[k][rows] - truth[k][rows]).abs().max().item() if rows.any() else 0.0 for k in STATS}
+    tol = TOL[hidden.dtype]
+    lse_scale = 1.0 + (truth["lse"][rows].abs().max().item() if rows.any() else 0.0)
+    for k in STATS:
+        allowed = err_naive[k] + tol * (lse_scale if k == "lse" else 1.0)
+        assert err[k] <= allowed, f"{k}: err {err[k]:.3g} > naive {err_naive[k]:.3g} + tol"
+    assert_tokens_close(res.token, z_true, z_naive, rows, hidden.dtype)
+    if thr is not None:
+        conf = getattr(res, {"max_prob": "max_prob", "margin": "margin", "entropy": "entropy"}[measure])
+        assert torch.equal(res.confidence, conf)
+        want = expected_exit(res.confidence, thr, measure) & torch.isfinite(res.lse)
+        assert torch.equal(res.exit, want)

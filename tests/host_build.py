@@ -10,17 +10,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CXX = shutil.which(os.environ.get("CXX", "c++"))
 
 
-def build_harness(out, sources, *, shared=False):
+def build_harness(out, sources, *, shared=False, includes=(), flags=("-O2",)):
     """Compile ``sources`` (paths relative to the repository root) with csrc/ on the include path.
 
     Writes an executable, or a shared library for ctypes when ``shared``, to ``out`` and returns its
-    path as a string. Skips the calling test when no C++ compiler is installed.
+    path as a string. includes: more include folders (relative to the root), searched before csrc/;
+    flags: the compiler flags (optimization, sanitizers). Skips the calling test when no C++ compiler
+    is installed.
     """
     if CXX is None:
         pytest.skip("no C++ compiler")
-    flags = ["-shared", "-fPIC"] if shared else []
+    kind = ["-shared", "-fPIC"] if shared else []
+    dirs = [arg for d in (*includes, "csrc") for arg in ("-I", os.path.join(ROOT, d))]
     srcs = [os.path.join(ROOT, s) for s in sources]
-    subprocess.run(
-        [CXX, "-O2", "-std=c++17", *flags, "-I", os.path.join(ROOT, "csrc"), *srcs, "-o", str(out)], check=True
-    )
+    subprocess.run([CXX, *flags, "-std=c++17", *kind, *dirs, *srcs, "-o", str(out)], check=True)
     return str(out)

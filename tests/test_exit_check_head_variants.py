@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 from backend_matrix import runnable_backends
-from test_exit_check import DTYPES, check_against_truth, make_inputs
+from exit_check_oracle import check_against_truth, make_inputs
+from test_exit_check import DTYPES
 
 from earlyexit import exit_check, exit_stats, finalize_exit_stats, merge_exit_stats
 from earlyexit.ops.reference import head_logits

@@ -11,9 +11,9 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from backend_matrix import runnable_backends
 from exit_check_oracle import TOL
+from state_similarity_oracle import check_against_truth, make_pair, naive, poison_rows
 
 import earlyexit
 from earlyexit import state_similarity
@@ -26,47 +26,6 @@ DTYPE_IDS = lambda d: str(d).split(".")[-1]  # noqa: E731
 
 # Every N in {0, 1, 3, 17, 70} and every d in {1, 8, 57, 96, 4096}.
 SHAPES = [(0, 57), (1, 1), (1, 4096), (3, 8), (3, 57), (17, 96), (17, 4096), (70, 1), (70, 96), (70, 8)]
-
-
-def make_pair(n, d, dtype, device, scale=1.0):
-    """Row pairs with a spread of similarities: h_prev = a h + b noise, per-row a (some negative) and b."""
-    h = torch.randn(n, d)
-    a = torch.linspace(-1.0, 2.0, n)[:, None] if n else torch.zeros(0, 1)
-    b = torch.rand(n, 1) * 1.5
-    p = a * h + b * torch.randn(n, d)
-    return (h * scale).to(dtype).to(device), (p * scale).to(dtype).to(device)
-
-
-def truth(h, p):
-    """float64 ground truth per row: NaN for non-finite rows, 0 for zero rows, else the cosine."""
-    d = h.shape[-1]
-    x, y = h.reshape(-1, d).double().cpu(), p.reshape(-1, d).double().cpu()
-    nx, ny = x.norm(dim=-1), y.norm(dim=-1)
-    cos = (x * y).sum(-1) / (nx * ny)
-    cos = torch.where((nx == 0) | (ny == 0), torch.zeros_like(cos), cos)
-    finite = torch.isfinite(x).all(-1) & torch.isfinite(y).all(-1)
-    return torch.where(finite, cos, torch.full_like(cos, math.nan))
-
-
-def naive(h, p):
-    """Plain torch in the input dtype, as float64 [N]."""
-    d = h.shape[-1]
-    return F.cosine_similarity(h.reshape(-1, d), p.reshape(-1, d), dim=-1).double().cpu()
-
-
-def check_against_truth(got, h, p, naive_inputs=None):
-    """The tolerance contract on the finite rows, plus NaN exactly where the truth is NaN and the range."""
-    t = truth(h, p)
-    g = got.reshape(-1).double().cpu()
-    assert torch.equal(torch.isnan(g), torch.isnan(t)), "NaN rows differ from the ground truth's"
-    rows = ~torch.isnan(t)
-    if not rows.any():
-        return
-    assert ((g[rows] >= -1) & (g[rows] <= 1)).all(), "results outside [-1, 1]"
-    err = (g[rows] - t[rows]).abs().max().item()
-    nh, np_ = naive_inputs if naive_inputs is not None else (h, p)
-    err_naive = (naive(nh, np_)[rows] - t[rows]).abs().max().item()
-    assert err <= err_naive + TOL[h.dtype], f"err {err:.3g} > naive {err_naive:.3g} + {TOL[h.dtype]}"
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -117,16 +76,10 @@ def test_nonfinite_rows_give_nan_and_do_not_disturb(backend, device, dtype):
     h, p = make_pair(9, 96, dtype, device)
     clean = state_similarity(h, p, backend=backend)
     assert not clean.isnan().any()
-    h, p = h.clone(), p.clone()
-    h[1, 3] = math.nan
-    p[4, 0] = math.inf
-    h[6, 95] = -math.inf
-    h[7, 10], p[7, 11] = math.nan, math.nan
-    h[8], p[8] = 0, 0
-    p[8, 5] = math.inf  # inf against a zero row: still NaN
+    h, p, rows = poison_rows(h, p)
     got = state_similarity(h, p, backend=backend)
     bad = torch.zeros(9, dtype=torch.bool, device=device)
-    bad[[1, 4, 6, 7, 8]] = True
+    bad[rows] = True
     assert got[bad].isnan().all()
     assert torch.equal(got[~bad], clean[~bad])
     assert not (got >= -2.0)[bad].any(), "a NaN row never passes a threshold"

@@ -13,6 +13,7 @@
 
 #include "cuda/exit_check_kernels.cuh"
 #include "cuda/exit_check_mma.cuh"
+#include "cuda/exit_check_plan.h"
 #include "exit_check.h"
 
 namespace earlyexit {
@@ -149,47 +150,38 @@ struct PartialsBuffer {
 };
 
 template <typename T, int RG, int VEC>
-void launch_decode_rg(const cuda::Params<T>& p, const at::Tensor& like, cudaStream_t stream) {
-  const size_t smem = static_cast<size_t>(RG) * p.d * sizeof(T);
+void launch_decode_rg(const cuda::Params<T>& p, const cuda::DecodePlan& plan, const at::Tensor& like,
+                      cudaStream_t stream) {
   auto kernel = cuda::decode_kernel<T, RG, VEC>;
-  TORCH_CHECK(smem <= kernel_info(reinterpret_cast<const void*>(kernel)).smem_limit,
+  TORCH_CHECK(plan.smem <= kernel_info(reinterpret_cast<const void*>(kernel)).smem_limit,
               "earlyexit_C (cuda): decode kernel shared memory exceeds the device limit");
-  const int groups = (p.n + RG - 1) / RG;
-  // Enough blocks to fill every SM a few times over, but at least kWarps columns per slice.
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  int64_t slices = std::max<int64_t>(1, std::min<int64_t>((4 * sms + groups - 1) / groups, p.v / cuda::kWarps));
-  const int64_t cols = (p.v + slices - 1) / slices;
-  slices = (p.v + cols - 1) / cols;  // no empty slices
-  PartialsBuffer part(like, static_cast<int64_t>(groups) * slices * RG);
-  const at::Tensor counters = merge_counters(like, stream, groups);
-  kernel<<<dim3(static_cast<unsigned>(groups), static_cast<unsigned>(slices)), cuda::kThreads, smem, stream>>>(
-      p, part.view, counters.data_ptr<int>(), cols);
+  PartialsBuffer part(like, static_cast<int64_t>(plan.groups) * plan.slices * RG);
+  const at::Tensor counters = merge_counters(like, stream, plan.groups);
+  kernel<<<dim3(static_cast<unsigned>(plan.groups), static_cast<unsigned>(plan.slices)), cuda::kThreads, plan.smem,
+           stream>>>(p, part.view, counters.data_ptr<int>(), plan.cols);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Picks RG (rows per group: the smallest power of two >= N, at most 8, shrunk until the rows fit in
-// shared memory) and the vector width (16-byte loads when d and the weight rows are 16-byte aligned).
+// The FMA decode kernel with the plan of exit_check_plan.h (rows per group, 16-byte loads, slices).
 template <typename T>
 void launch_decode(const cuda::Params<T>& p, const at::Tensor& like, cudaStream_t stream) {
-  // Opt-in shared memory per block, less the kernel's static arrays (RowStats per thread + flags).
-  const size_t limit =
-      at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin - sizeof(RowStats) * cuda::kThreads - 1024;
-  int rg = p.n <= 1 ? 1 : p.n <= 2 ? 2 : p.n <= 4 ? 4 : 8;
-  while (rg > 1 && static_cast<size_t>(rg) * p.d * sizeof(T) > limit) rg /= 2;
-  TORCH_CHECK(static_cast<size_t>(rg) * p.d * sizeof(T) <= limit, "earlyexit_C (cuda): d = ", p.d,
-              " is too large for the hidden row to fit in shared memory (", limit, " bytes); use backend='triton'");
+  const auto* props = at::cuda::getCurrentDeviceProperties();
   constexpr int kVec = 16 / sizeof(T);
   const bool vec = p.d % kVec == 0 && p.weight_stride % kVec == 0 &&
                    reinterpret_cast<uintptr_t>(p.weight) % 16 == 0;
+  const cuda::DecodePlan plan = cuda::decode_plan(p.n, p.d, p.v, sizeof(T), vec, props->multiProcessorCount,
+                                                  props->sharedMemPerBlockOptin, cuda::kThreads, cuda::kWarps);
+  TORCH_CHECK(plan.rg > 0, "earlyexit_C (cuda): d = ", p.d,
+              " is too large for the hidden row to fit in shared memory; use backend='triton'");
   auto go = [&](auto rg_tag) {
     constexpr int RG = decltype(rg_tag)::value;
-    if (vec) {
-      launch_decode_rg<T, RG, kVec>(p, like, stream);
+    if (plan.vec) {
+      launch_decode_rg<T, RG, kVec>(p, plan, like, stream);
     } else {
-      launch_decode_rg<T, RG, 1>(p, like, stream);
+      launch_decode_rg<T, RG, 1>(p, plan, like, stream);
     }
   };
-  switch (rg) {
+  switch (plan.rg) {
     case 1:
       go(std::integral_constant<int, 1>{});
       break;
@@ -216,49 +208,36 @@ bool mma_eligible(const ExitArgs& a) {
   return a.hidden.size(1) % 8 == 0 && aligned(a.hidden) && aligned(a.weight);
 }
 
-// NT: token tiles of 8 (the smallest power of two covering N). MT: m-tiles of 16 vocabulary rows per warp
-// tile; 2 while the accumulators are small, so each warp keeps 4 KB of weight loads in flight (the
-// register budget is 128 per thread at 512 threads). The hidden rows stay resident in shared memory when
-// they fit, else they are staged in K chunks of kc columns, once per round of kMmaWarps warp tiles.
+// The tensor-core decode kernel with the plan of exit_check_plan.h (token and m-tiles, K chunks, slices).
 template <typename T, int NT, int MT>
 void launch_decode_mma_nt(const cuda::Params<T>& p, const at::Tensor& like, cudaStream_t stream) {
   constexpr int NP = 8 * NT;
   auto kernel = cuda::decode_mma_kernel<T, NT, MT>;
-  const auto* props = at::cuda::getCurrentDeviceProperties();
   const int64_t budget = static_cast<int64_t>(kernel_info(reinterpret_cast<const void*>(kernel)).smem_limit);
-  const int64_t d_padded = (p.d + cuda::kMmaK - 1) / cuda::kMmaK * cuda::kMmaK;
-  // Row stride ks = kc + 32 elements: 64 bytes past a multiple of 128, so the 8 lanes of a 16-byte shared
-  // load phase (2 rows x 4 quads, 64 contiguous bytes per row) hit distinct banks.
-  int64_t kc = d_padded;
-  if (NP * (kc + 32) * static_cast<int64_t>(sizeof(T)) > budget) {
-    kc = (budget / (NP * static_cast<int64_t>(sizeof(T))) - 32) / cuda::kMmaK * cuda::kMmaK;
-  }
-  TORCH_CHECK(kc >= cuda::kMmaK, "earlyexit_C (cuda): not enough shared memory for the decode kernel");
-  const int64_t ks = kc + 32;
-  constexpr int64_t kStats = sizeof(RowStats);
-  const size_t smem = static_cast<size_t>(std::max<int64_t>(
-      {NP * ks * static_cast<int64_t>(sizeof(T)), int64_t{cuda::kMmaWarps} * NP * kStats, cuda::kMmaThreads * kStats}));
-  // One block per SM (512 threads, up to 128 registers each); contiguous runs of warp tiles per block.
-  const int64_t tiles = (p.v + 16 * MT - 1) / (16 * MT);
-  const int64_t per_slice = (tiles + props->multiProcessorCount - 1) / props->multiProcessorCount;
-  const int64_t slices = (tiles + per_slice - 1) / per_slice;
-  TORCH_CHECK(per_slice <= INT32_MAX, "earlyexit_C (cuda): V is too large");
-  PartialsBuffer part(like, slices * NP);
+  const cuda::MmaPlan plan =
+      cuda::mma_plan({NT, MT}, p.d, p.v, sizeof(T), at::cuda::getCurrentDeviceProperties()->multiProcessorCount,
+                     budget, cuda::kMmaK, cuda::kMmaWarps, cuda::kMmaThreads);
+  TORCH_CHECK(plan.kc > 0, "earlyexit_C (cuda): not enough shared memory for the decode kernel");
+  TORCH_CHECK(plan.per_slice <= INT32_MAX, "earlyexit_C (cuda): V is too large");
+  PartialsBuffer part(like, plan.slices * NP);
   const at::Tensor counters = merge_counters(like, stream, 1);
-  kernel<<<static_cast<unsigned>(slices), cuda::kMmaThreads, smem, stream>>>(
-      p, part.view, counters.data_ptr<int>(), static_cast<int>(per_slice), static_cast<int>(kc), static_cast<int>(ks));
+  kernel<<<static_cast<unsigned>(plan.slices), cuda::kMmaThreads, plan.smem, stream>>>(
+      p, part.view, counters.data_ptr<int>(), static_cast<int>(plan.per_slice), static_cast<int>(plan.kc),
+      static_cast<int>(plan.ks));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
 void launch_decode_mma(const cuda::Params<T>& p, const at::Tensor& like, cudaStream_t stream) {
-  if (p.n <= 8) {
+  const cuda::MmaTiles t = cuda::mma_tiles(p.n);
+  if (t.nt == 1 && t.mt == 2) {
     launch_decode_mma_nt<T, 1, 2>(p, like, stream);
-  } else if (p.n <= 16) {
+  } else if (t.nt == 2 && t.mt == 2) {
     launch_decode_mma_nt<T, 2, 2>(p, like, stream);
-  } else if (p.n <= 32) {
+  } else if (t.nt == 4 && t.mt == 1) {
     launch_decode_mma_nt<T, 4, 1>(p, like, stream);
   } else {
+    TORCH_CHECK(t.nt == 8 && t.mt == 1, "earlyexit_C (cuda): no decode_mma_kernel for NT=", t.nt, ", MT=", t.mt);
     launch_decode_mma_nt<T, 8, 1>(p, like, stream);
   }
 }
@@ -275,7 +254,7 @@ void launch_chunked(const cuda::Params<T>& p, const ExitArgs& a, cudaStream_t st
   cuda::normalize_kernel<T><<<static_cast<unsigned>((n + cuda::kWarps - 1) / cuda::kWarps), cuda::kThreads, 0, stream>>>(
       p, reinterpret_cast<T*>(xn.mutable_data_ptr()), finite.mutable_data_ptr<bool>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int64_t cols = std::min(v, std::max<int64_t>((int64_t{4} << 20) / n / 128 * 128, 128));
+  const int64_t cols = cuda::chunk_columns(n, v);
   at::Tensor zbuf = at::empty({n * cols}, a.weight.options().dtype(at::kFloat));
   at::Tensor running = at::empty({n * static_cast<int64_t>(sizeof(RowStats))}, a.weight.options().dtype(at::kByte));
   for (int64_t v0 = 0; v0 < v; v0 += cols) {

@@ -31,6 +31,11 @@
 namespace earlyexit {
 namespace cuda {
 
+// The block's dynamic shared memory, as bytes. The host emulator (tests/cuda_emu) defines its own.
+#ifndef EE_DYNAMIC_SMEM
+#define EE_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kDecodeMaxRows = 64;
@@ -247,7 +252,7 @@ __device__ void finish_group(const Params<T>& p, const Partials& part, int* coun
 template <typename T, int RG, int VEC>
 __global__ void __launch_bounds__(kThreads)
     decode_kernel(Params<T> p, Partials part, int* __restrict__ counters, int64_t cols_per_slice) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  EE_DYNAMIC_SMEM(smem_raw);
   T* xs = reinterpret_cast<T*>(smem_raw);  // [RG][d], the normalized rows of this group
   __shared__ RowStats red[kThreads];       // warp partials, then the last block's merge tree
   __shared__ bool row_finite[RG];

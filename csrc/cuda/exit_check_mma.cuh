@@ -66,6 +66,8 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
   }
+#elif defined(EE_CUDA_EMU)
+  ee_emu::mma_m16n8k16<T>(c, a0, a1, a2, a3, b0, b1);  // the host emulator's (tests/cuda_emu)
 #else
   __trap();  // the launcher only selects this kernel on sm_80+
 #endif
@@ -212,7 +214,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   constexpr int kTileRows = 16 * MT;
   // [NP][ks] staged rows; at the end reused for the warps' statistics ([kMmaWarps][NP] RowStats) and
   // finish_group's merge tree (kMmaThreads RowStats): the launcher sizes it for the largest of the three.
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  EE_DYNAMIC_SMEM(smem_raw);
   T* xs = reinterpret_cast<T*>(smem_raw);
   RowStats* red = reinterpret_cast<RowStats*>(smem_raw);
   __shared__ float inv_rms[NP];

@@ -1,129 +1,26 @@
-// CUDA state similarity: cosine of two hidden states per row (see state_similarity.h for the contract and
-// the one-pass / rescue scheme), one warp per row pair, 8 rows per 256-thread block.
-//
-// Each lane accumulates dot, hh and pp over its own elements in float32, in a fixed order (16-byte loads
-// when every address, row stride and d allow it, else one element per lane per step), then the warp adds
-// the lanes with an xor butterfly. Every lane ends with the same bits (float addition commutes), so the
-// rescue branch is warp-uniform and the result is deterministic. Bytes per call: N * d * elt for each of h
-// and p, 4 N written; no workspace, no atomics, no host synchronization (CUDA-graph capturable).
+// CUDA state similarity: the launcher of state_similarity_kernels.cuh's kernel (one warp per row pair).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 #include <cstdint>
 
 #include "state_similarity.h"
+#include "state_similarity_kernels.cuh"
 
 namespace earlyexit {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kRowsPerBlock = kThreads / 32;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
-// Calls f(x, y) for this lane's elements of the row pair, in a fixed order. kVec: E = 16 / sizeof(T)
-// elements per 16-byte load (the caller checked that d, the strides and the pointers allow it).
-template <typename T, bool kVec, typename F>
-__device__ __forceinline__ void for_lane_elements(const T* __restrict__ h, const T* __restrict__ p, int64_t d,
-                                                  int lane, const F& f) {
-  if constexpr (kVec) {
-    constexpr int E = 16 / sizeof(T);
-#pragma unroll 4
-    for (int64_t k = static_cast<int64_t>(lane) * E; k < d; k += 32 * E) {
-      const int4 hv = __ldg(reinterpret_cast<const int4*>(h + k));
-      const int4 pv = __ldg(reinterpret_cast<const int4*>(p + k));
-      const T* he = reinterpret_cast<const T*>(&hv);
-      const T* pe = reinterpret_cast<const T*>(&pv);
-#pragma unroll
-      for (int e = 0; e < E; ++e) f(to_float(he[e]), to_float(pe[e]));
-    }
-  } else {
-#pragma unroll 4
-    for (int64_t k = lane; k < d; k += 32) f(to_float(h[k]), to_float(p[k]));
-  }
-}
-
-// dot, hh, pp of the row pair, summed over the warp; h scaled by sh1 then sh2, p by sp1 then sp2.
-template <typename T, bool kVec, bool kScaled>
-__device__ __forceinline__ void warp_sums(const T* h, const T* p, int64_t d, int lane, float sh1, float sh2,
-                                          float sp1, float sp2, float& dot, float& hh, float& pp) {
-  float sd = 0.f, sa = 0.f, sb = 0.f;
-  for_lane_elements<T, kVec>(h, p, d, lane, [&](float x, float y) {
-    if constexpr (kScaled) {
-      x = x * sh1 * sh2;
-      y = y * sp1 * sp2;
-    }
-    sd = fmaf(x, y, sd);
-    sa = fmaf(x, x, sa);
-    sb = fmaf(y, y, sb);
-  });
-  dot = warp_sum(sd);
-  hh = warp_sum(sa);
-  pp = warp_sum(sb);
-}
-
-template <typename T, bool kVec>
-__global__ void __launch_bounds__(kThreads)
-    state_similarity_kernel(const T* __restrict__ h, const T* __restrict__ p, float* __restrict__ out, int64_t n,
-                            int64_t d, int64_t ldh, int64_t ldp) {
-  const int lane = threadIdx.x % 32;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
-  if (row >= n) return;  // the whole warp leaves together
-  const T* hr = h + row * ldh;
-  const T* pr = p + row * ldp;
-  float dot, hh, pp;
-  warp_sums<T, kVec, false>(hr, pr, d, lane, 1.f, 1.f, 1.f, 1.f, dot, hh, pp);
-  float cos;
-  if (similarity::sums_safe(hh, pp)) {
-    cos = similarity::cosine(dot, hh, pp);
-  } else {
-    // Rescue (huge, tiny, zero or non-finite rows): the largest magnitudes, then the scaled sums.
-    float mh = 0.f, mp = 0.f;
-    bool bad = false;
-    for_lane_elements<T, kVec>(hr, pr, d, lane, [&](float x, float y) {
-      bad = bad || !(fabsf(x) <= 3.4028234663852886e38f) || !(fabsf(y) <= 3.4028234663852886e38f);
-      mh = fmaxf(mh, fabsf(x));
-      mp = fmaxf(mp, fabsf(y));
-    });
-    bad = __any_sync(0xffffffffu, bad);
-    mh = warp_max(mh);
-    mp = warp_max(mp);
-    cos = similarity::rescue(mh, mp, bad,
-                             [&](float sh1, float sh2, float sp1, float sp2, float& sd, float& sa, float& sb) {
-                               warp_sums<T, kVec, true>(hr, pr, d, lane, sh1, sh2, sp1, sp2, sd, sa, sb);
-                             });
-  }
-  if (lane == 0) out[row] = cos;
-}
+using namespace cuda::state_kernels;
 
 template <typename T>
 void launch(const at::Tensor& h, const at::Tensor& p, const at::Tensor& out, cudaStream_t stream) {
   const int64_t n = h.size(0), d = h.size(1);
   const T* hp = static_cast<const T*>(h.const_data_ptr());
   const T* pp = static_cast<const T*>(p.const_data_ptr());
-  const uint64_t bits = reinterpret_cast<uintptr_t>(hp) | reinterpret_cast<uintptr_t>(pp) |
-                        static_cast<uint64_t>(h.stride(0) * sizeof(T)) |
-                        static_cast<uint64_t>(p.stride(0) * sizeof(T)) | static_cast<uint64_t>(d * sizeof(T));
-  const dim3 blocks(static_cast<unsigned>((n + kRowsPerBlock - 1) / kRowsPerBlock));
+  const dim3 blocks(blocks_for(n));
   float* o = out.mutable_data_ptr<float>();
-  if (bits % 16 == 0) {
+  if (vectorizable(hp, pp, h.stride(0), p.stride(0), d, sizeof(T))) {
     state_similarity_kernel<T, true><<<blocks, kThreads, 0, stream>>>(hp, pp, o, n, d, h.stride(0), p.stride(0));
   } else {
     state_similarity_kernel<T, false><<<blocks, kThreads, 0, stream>>>(hp, pp, o, n, d, h.stride(0), p.stride(0));
