@@ -66,12 +66,21 @@ def _raw(t, stride=None):
     return flat.contiguous().view(torch.uint8).numpy().tobytes()
 
 
+def _span(buf, row_bytes):
+    """The bytes of uint8 [rows, stride] ``buf`` from its first byte to the end of its last row's row_bytes."""
+    rows, stride = buf.shape
+    return buf.reshape(-1)[: max(0, (rows - 1) * stride + row_bytes)].numpy().tobytes()
+
+
 class EmulatorError(RuntimeError):
     """The emulator reported a fault (deadlock, divergent collective, trap, sanitizer report, nondeterminism)."""
 
 
-def _run_harness(exe, workdir, files, args):
-    """Writes ``files`` (name: bytes) and args.txt to ``workdir``, runs ``exe`` there; returns (out.bin, plan)."""
+def _run_harness(exe, workdir, files, args, out_file="out.bin"):
+    """Writes ``files`` (name: bytes) and args.txt to ``workdir``, runs ``exe`` there; returns (out_file's bytes, plan).
+
+    out_file None: the caller reads the harness's outputs itself (the bytes returned are None).
+    """
     os.makedirs(workdir, exist_ok=True)
     for name, data in files.items():
         with open(os.path.join(workdir, name), "wb") as f:
@@ -81,8 +90,10 @@ def _run_harness(exe, workdir, files, args):
     run = subprocess.run([exe, workdir], capture_output=True, text=True, timeout=600)
     if run.returncode != 0:
         raise EmulatorError(f"exit status {run.returncode}: {run.stderr[-3000:]}")
-    with open(os.path.join(workdir, "out.bin"), "rb") as f:
-        raw = f.read()
+    raw = None
+    if out_file is not None:
+        with open(os.path.join(workdir, out_file), "rb") as f:
+            raw = f.read()
     with open(os.path.join(workdir, "plan.txt")) as f:
         return raw, f.read().strip()
 
@@ -183,3 +194,41 @@ def emulated_state_similarity(exe, workdir, h, p, *, path="auto", order=0, h_str
     args = {"dtype": DTYPES[h.dtype], "n": n, "d": d, "ldh": hs, "ldp": ps, "h_shift": shift, "p_shift": shift}
     raw, plan = _run_harness(exe, workdir, files, {**args, "path": path, "order": order})
     return torch.frombuffer(bytearray(raw), dtype=torch.float32).clone() if n else torch.empty(0), plan
+
+
+def emulated_compaction(exe, workdir, op, rows, row_bytes, srcs, dsts, *, index_rows=0, order=0, device=H200):
+    """The CUDA compaction kernels on byte rows: the destinations' bytes (and index, count) after one call.
+
+    op: "compact" or "partition" (rows: the keep mask, uint8 [N], any nonzero byte true) or "scatter"
+    (rows: int64 [K] destination rows; one tensor). row_bytes: each tensor's row size. srcs / dsts: per
+    tensor (uint8 [rows, stride] buffer, shift): each row's first row_bytes bytes are the tensor's row, the
+    rest of the stride a gap no kernel may write; shift places the buffer that many bytes past 16-byte
+    alignment. dsts hold the destinations' contents before the call. index_rows: the length of the index
+    output (compact: K, partition: N). Returns ([uint8 [rows, stride] per destination], the index
+    (int64 [index_rows]), the count (partition; else None), the plan the harness launched).
+    """
+    files = {("index.bin" if op == "scatter" else "keep.bin"): _raw(rows)}
+    args = {"op": op, "n": rows.shape[0], "m": dsts[0][0].shape[0], "tensors": len(srcs)}
+    args.update({"index_rows": index_rows, "order": order, "sms": device["sms"]})
+    for t, (rb, (s, s_shift), (d, d_shift)) in enumerate(zip(row_bytes, srcs, dsts)):
+        files[f"src{t}.bin"], files[f"dst{t}.bin"] = _span(s, rb), _span(d, rb)
+        args.update({f"rb{t}": rb, f"ss{t}": s.shape[1], f"ds{t}": d.shape[1]})
+        args.update({f"sshift{t}": s_shift, f"dshift{t}": d_shift})
+    _, plan = _run_harness(exe, workdir, files, args, out_file=None)
+    outs = []
+    for t, (d, _) in enumerate(dsts):
+        with open(os.path.join(workdir, f"dst{t}.out"), "rb") as f:
+            raw = f.read()
+        got = d.clone()  # past the last row's end: not the kernel's memory
+        if raw:
+            got.view(-1)[: len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        outs.append(got)
+    count = None
+    if op == "partition":
+        with open(os.path.join(workdir, "count.out"), "rb") as f:
+            count = int(torch.frombuffer(bytearray(f.read()), dtype=torch.int64)[0])
+    index = torch.empty(0, dtype=torch.int64)
+    if op != "scatter" and index_rows:
+        with open(os.path.join(workdir, "index.out"), "rb") as f:
+            index = torch.frombuffer(bytearray(f.read()), dtype=torch.int64).clone()
+    return outs, index, count, plan

@@ -56,6 +56,9 @@ struct alignas(16) uint4 {
 struct alignas(16) int4 {
   int x, y, z, w;
 };
+struct alignas(8) int2 {
+  int x, y;
+};
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
 
 inline uint3 threadIdx, blockIdx;
@@ -367,6 +370,7 @@ template <typename V>
 inline V __ldcg(const V* p) {
   return *p;
 }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int atomicAdd(int* address, int v) {
   const int old = *address;
   *address = old + v;
