@@ -7,6 +7,7 @@ compute-sanitizer's memcheck on a GPU. Each call writes its inputs to a folder, 
 and reads the outputs back.
 """
 
+import functools
 import os
 import subprocess
 
@@ -35,7 +36,7 @@ def harness_fixtures(source, emulated):
     """The pytest fixtures of a test module for harness ``source``: (emu, emu_sanitized, run).
 
     emu / emu_sanitized: the optimized and sanitized executables, built once per module. run: ``emulated``
-    (emulated_exit_check or emulated_state_similarity) bound to emu and a fresh folder.
+    (emulated_exit_check, emulated_state_similarity or emulated_compaction) bound to emu and a fresh folder.
     """
     name = os.path.splitext(os.path.basename(source))[0]
 
@@ -49,7 +50,7 @@ def harness_fixtures(source, emulated):
 
     @pytest.fixture(name="run")
     def run(emu, tmp_path):
-        return lambda *args, **kw: emulated(emu, str(tmp_path / "case"), *args, **kw)
+        return functools.partial(emulated, emu, str(tmp_path / "case"))
 
     return emu, emu_sanitized, run
 
