@@ -10,9 +10,9 @@
 // (rows - 1) * stride + rb bytes. Writes DIR/dst<t>.out, DIR/index.out (index_rows int64, compact and
 // partition), DIR/count.out (int64, partition only) and DIR/plan.txt. Exit status 0; 2 on an emulator fault.
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 #include "cuda/compaction_kernels.cuh"

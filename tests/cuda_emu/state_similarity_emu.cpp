@@ -9,7 +9,6 @@
 #include <fstream>
 #include <string>
 #include <type_traits>
-#include <vector>
 
 #include "cuda/state_similarity_kernels.cuh"
 #include "emu_io.h"
