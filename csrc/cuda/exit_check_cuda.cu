@@ -167,8 +167,7 @@ template <typename T>
 void launch_decode(const cuda::Params<T>& p, const at::Tensor& like, cudaStream_t stream) {
   const auto* props = at::cuda::getCurrentDeviceProperties();
   constexpr int kVec = 16 / sizeof(T);
-  const bool vec = p.d % kVec == 0 && p.weight_stride % kVec == 0 &&
-                   reinterpret_cast<uintptr_t>(p.weight) % 16 == 0;
+  const bool vec = cuda::decode_vec_ok(p.weight, p.weight_stride, p.d, sizeof(T));
   const cuda::DecodePlan plan = cuda::decode_plan(p.n, p.d, p.v, sizeof(T), vec, props->multiProcessorCount,
                                                   props->sharedMemPerBlockOptin, cuda::kThreads, cuda::kWarps);
   TORCH_CHECK(plan.rg > 0, "earlyexit_C (cuda): d = ", p.d,
@@ -202,10 +201,8 @@ template <typename T>
 bool mma_eligible(const ExitArgs& a) {
   if (at::cuda::getCurrentDeviceProperties()->major < 8) return false;
   if (kernel_info(reinterpret_cast<const void*>(cuda::decode_mma_kernel<T, 1, 2>)).ptx_version < 80) return false;
-  const auto aligned = [](const at::Tensor& t) {
-    return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0 && t.stride(0) % 8 == 0;
-  };
-  return a.hidden.size(1) % 8 == 0 && aligned(a.hidden) && aligned(a.weight);
+  return cuda::mma_layout_ok(a.hidden.const_data_ptr(), a.hidden.stride(0), a.weight.const_data_ptr(),
+                             a.weight.stride(0), static_cast<int>(a.hidden.size(1)));
 }
 
 // The tensor-core decode kernel with the plan of exit_check_plan.h (token and m-tiles, K chunks, slices).

@@ -21,10 +21,27 @@ struct DecodePlan {
   size_t smem = 0;  // dynamic shared memory per block (bytes)
 };
 
+// The FMA decode kernel's 16-byte weight loads of elt-byte elements: d, the weight row stride (elements)
+// and the weight address allow them.
+inline bool decode_vec_ok(const void* weight, int64_t weight_stride, int d, size_t elt) {
+  const int64_t per_load = static_cast<int64_t>(16 / elt);
+  return d % per_load == 0 && weight_stride % per_load == 0 && reinterpret_cast<uintptr_t>(weight) % 16 == 0;
+}
+
+// The tensor-core decode kernel's layout condition for 16-bit rows: d a multiple of 8, and the hidden and
+// weight rows 16-byte aligned (address and row stride in elements). The launcher adds the device's.
+inline bool mma_layout_ok(const void* hidden, int64_t hidden_stride, const void* weight, int64_t weight_stride,
+                          int d) {
+  const auto aligned = [](const void* ptr, int64_t stride) {
+    return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && stride % 8 == 0;
+  };
+  return d % 8 == 0 && aligned(hidden, hidden_stride) && aligned(weight, weight_stride);
+}
+
 // RG is the smallest power of two >= N, at most 8, halved until RG rows of d elements fit in the opt-in
 // shared memory less the kernel's static arrays (a RowStats per thread, flags). Slices: enough blocks to
 // fill every SM a few times over, but at least `warps` columns per slice and no empty slice.
-// vec_ok: d, the weight row stride and the weight address allow 16-byte loads of elt-byte elements.
+// vec_ok: decode_vec_ok for the weight.
 inline DecodePlan decode_plan(int n, int d, int64_t v, size_t elt, bool vec_ok, int sms, size_t smem_optin,
                               int threads, int warps) {
   DecodePlan plan;

@@ -58,7 +58,7 @@ bool run_decode(const Params<T>& p, const DecodePlan& plan, int order) {
 template <typename T>
 bool launch_decode(const Params<T>& p, int sms, size_t optin, int order) {
   constexpr int kVec = 16 / sizeof(T);
-  const bool vec = p.d % kVec == 0 && p.weight_stride % kVec == 0 && reinterpret_cast<uintptr_t>(p.weight) % 16 == 0;
+  const bool vec = decode_vec_ok(p.weight, p.weight_stride, p.d, sizeof(T));
   const DecodePlan plan = decode_plan(p.n, p.d, p.v, sizeof(T), vec, sms, optin, kThreads, kWarps);
   if (plan.rg == 0) return ee_emu::fail("decode plan: the rows do not fit in shared memory"), false;
   auto go = [&](auto rg_tag) {
@@ -210,15 +210,12 @@ int run(const Args& a, const std::string& dir) {
     p.invalid = reinterpret_cast<bool*>(out[5].data());
   }
 
-  // The launcher's choice (exit_check_cuda.cu, run): decode kernels up to kDecodeMaxRows rows, tensor
-  // cores for 16-bit rows and heads with 16-byte aligned rows, else the chunked path.
+  // The launcher's choice (exit_check_cuda.cu, run) on an sm_80+ device: decode kernels up to
+  // kDecodeMaxRows rows, tensor cores for 16-bit rows in their layout, else the chunked path.
   std::string chosen = path;
   if (path == "auto") {
-    const auto aligned = [](const void* ptr, int64_t stride) {
-      return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && stride % 8 == 0;
-    };
-    const bool mma = !std::is_same_v<T, float> && d % 8 == 0 && aligned(p.hidden, p.hidden_stride) &&
-                     aligned(p.weight, p.weight_stride);
+    const bool mma =
+        !std::is_same_v<T, float> && mma_layout_ok(p.hidden, p.hidden_stride, p.weight, p.weight_stride, d);
     chosen = n > kDecodeMaxRows ? "chunked" : mma ? "mma" : "decode";
   }
   std::vector<std::vector<unsigned char>> first;
