@@ -106,7 +106,7 @@ def check_against_truth(res, hidden, weight, norm_weight, bias, temperature=1.0,
         assert err[k] <= allowed, f"{k}: err {err[k]:.3g} > naive {err_naive[k]:.3g} + tol"
     assert_tokens_close(res.token, z_true, z_naive, rows, hidden.dtype)
     if thr is not None:
-        conf = getattr(res, {"max_prob": "max_prob", "margin": "margin", "entropy": "entropy"}[measure])
+        conf = getattr(res, measure)  # the ExitResult field of each head measure is named after it
         assert torch.equal(res.confidence, conf)
         want = expected_exit(res.confidence, thr, measure) & torch.isfinite(res.lse)
         assert torch.equal(res.exit, want)

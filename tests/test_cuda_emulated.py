@@ -21,10 +21,10 @@ import pytest
 import torch
 from cuda_emulator import H200, EmulatorError, build_emulated, emulated_exit_check, harness_fixtures
 from exit_check_oracle import check_against_truth, logits_float64, make_inputs, stats_from_logits
+from test_exit_check import DTYPES
 
 from earlyexit import finalize_exit_stats
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 HARNESS = "tests/cuda_emu/exit_check_emu.cpp"
 
 
@@ -135,6 +135,10 @@ def test_fewer_sms_fewer_slices(run):
         for path in ("decode", "mma"):
             res, plan = run(hidden, weight, 0.5, norm_weight=norm_weight, bias=bias, path=path, device=device)
             check_against_truth(res, hidden, weight, norm_weight, bias, thr=0.5)
+            # Decode: one row group, at most 4 blocks per SM; tensor cores: at most one block per SM.
+            grid = plan.split("grid=")[1].split()[0]
+            slices = int(grid.split("x")[1]) if path == "decode" else int(grid)
+            assert slices <= (4 if path == "decode" else 1) * device["sms"], plan
 
 
 @pytest.mark.parametrize("measure", ["max_prob", "margin", "entropy"])
