@@ -12,6 +12,9 @@ of the time.
 Systems per batch size, depth E and alpha, all with ``EarlyExitLM(model, [E])``:
   n=K     ``DraftPolicy(E, 0.0, K)``: always K drafts per round (K in --n); the table shows the best K
   auto    ``eem.draft = "auto"`` (depths [E], up to max(--n) drafts): it has to learn the acceptance
+          within each call, from a pessimistic prior
+  auto-mem  the same with ``eem.draft_memory = True`` (one EarlyExitLM per depth and alpha): it keeps
+          what it learned across calls of a batch size, the warm-up and the earlier prompts included
 With ``--draft-vocab SHARE`` every system drafts over that share of the vocabulary (its most frequent
 tokens in the built-in corpus, ``eem.draft_vocab``): the draft step's exit check reads that share of
 the head, and the forcing still sets the tokens.
@@ -33,7 +36,7 @@ exact mode's loop with independent drafts right with probability alpha (each row
 accepted prefix). The cost table gives model.generate's per-token step (plain_ms), the draft step
 (draft_ms), the prefill and the median verification (with acceptance) per block length k.
 
-The defaults run 62 systems per batch of prompts: about 75 minutes on 2 quiet cores (3/4 of it with
+The defaults run 74 systems per batch of prompts: about 90 minutes on 2 quiet cores (3/4 of it with
 --repeats 2). A co-running job distorts 2-thread CPU timings badly (see
 benchmarks/results/cpu_costs.md), so run it alone.
 
@@ -80,7 +83,7 @@ def main(argv=None):
     p.add_argument("--alphas", default="0.5,0.6,0.7,0.8,0.9,1.0")
     p.add_argument("--depths", default="L/4,L/2", help="draft depths: ints or L/k")
     p.add_argument("--n", default="2,3,4,6", help="drafts per round of the fixed policies")
-    p.add_argument("--no-auto", action="store_true", help="skip the adaptive policy")
+    p.add_argument("--no-auto", action="store_true", help="skip the adaptive policy (auto and auto-mem)")
     p.add_argument(
         "--draft-vocab",
         type=float,
@@ -113,18 +116,24 @@ def main(argv=None):
     ns = [int(k) for k in args.n.split(",")]
     policies = {f"n={k}": k for k in ns}
     if not args.no_auto:
-        policies["auto"] = "auto"
+        policies.update({name: name for name in ADAPTIVE})
     draft_vocab = None
     if args.draft_vocab is not None:
         from earlyexit.tuning.draft_vocab import draft_vocabulary
         from earlyexit.tuning.text_data import builtin_corpus
 
         draft_vocab = draft_vocabulary(builtin_corpus("train"), vocab, share=args.draft_vocab, tokenizer=tok)
-    eems = {}
-    for e in depths:
-        eems[e] = earlyexit.EarlyExitLM(model, [e])
-        eems[e].draft_tokens = max(ns)
-        eems[e].draft_vocab = draft_vocab
+
+    def make_eem(e, memory=False):
+        eem = earlyexit.EarlyExitLM(model, [e])
+        eem.draft_tokens = max(ns)
+        eem.draft_vocab = draft_vocab
+        eem.draft_memory = memory
+        return eem
+
+    eems = {e: make_eem(e) for e in depths}
+    # What a remembering policy learns depends on the forcing's alpha: one EarlyExitLM for each.
+    eems_mem = {(e, a): make_eem(e, memory=True) for e in depths for a in alphas} if not args.no_auto else {}
     sub = "" if draft_vocab is None else f", drafts over {draft_vocab.numel()} of {vocab} tokens"
     print(
         f"# L={num_layers}, depths {depths}, alphas {alphas}, policies {list(policies)}, {n_new} new tokens, "
@@ -157,10 +166,10 @@ def main(argv=None):
                         entry = per_system.setdefault(
                             label, dict(secs=[], same=0, rows=0, stats=[], forced=ForcedStats())
                         )
-                        draft = "auto" if k == "auto" else DraftPolicy(e, 0.0, k)
+                        draft = DraftPolicy(e, 0.0, k) if isinstance(k, int) else "auto"
 
                         def run(
-                            eem=eems[e],
+                            eem=eems_mem[(e, alpha)] if k == "auto-mem" else eems[e],
                             draft=draft,
                             alpha=alpha,
                             forced=entry["forced"],
@@ -229,6 +238,8 @@ COLUMNS = [
     "identical",
     "blocks",
 ]
+#: The adaptive systems: no fixed block length, no cost-model prediction.
+ADAPTIVE = ("auto", "auto-mem")
 COST_COLUMNS = ["batch", "depth", "plain_ms", "draft_ms", "draft_vs_plain", "prefill_ms", "verify_ms"]
 SUMMARY_COLUMNS = [
     "batch",
@@ -243,6 +254,8 @@ SUMMARY_COLUMNS = [
     "auto",
     "auto_acc",
     "auto_blocks",
+    "auto_mem",
+    "auto_mem_blocks",
     "identical",
 ]
 
@@ -268,7 +281,7 @@ def _rows(per_system, size, n_groups, depths, alphas, policies, n_new, env):
         # Round costs by drafts verified, pooled over alpha (the forcing changes tokens, not work).
         round_s, draft_s = {}, []
         for (d, _, name), entry in ((k, v) for k, v in per_system.items() if isinstance(k, tuple)):
-            if d != e or name == "auto":
+            if d != e or name in ADAPTIVE:
                 continue
             for drafted, _, ds, vs in entry["forced"].rounds:
                 round_s.setdefault(drafted, []).append((ds, vs))
@@ -297,7 +310,7 @@ def _rows(per_system, size, n_groups, depths, alphas, policies, n_new, env):
                     for b, c in s["block_lengths"].items():
                         blocks[b] = blocks.get(b, 0) + c
                 model = None
-                if k != "auto" and round_cost:
+                if isinstance(k, int) and round_cost:
                     sim = expected_rounds(alpha, k, n_new, rows=size, seed=0)
                     predicted = t_one + n_groups * sum(c * _cost(round_cost, d, plain_s) for d, c in sim.items())
                     model = t_gen / predicted
@@ -332,8 +345,9 @@ def _summary(rows, size, depths, alphas):
     for e in depths:
         for alpha in alphas:
             group = [r for r in rows if r["depth"] == e and r["alpha"] == alpha]
-            fixed = [r for r in group if r["policy"] != "auto"]
+            fixed = [r for r in group if r["policy"] not in ADAPTIVE]
             auto = next((r for r in group if r["policy"] == "auto"), None)
+            auto_mem = next((r for r in group if r["policy"] == "auto-mem"), None)
             best = max(fixed, key=lambda r: r["speedup"]) if fixed else None
             same, total = sum(r["same"] for r in group), sum(r["rows"] for r in group)
             entry = dict(batch=size, depth=e, alpha=alpha, identical=f"{same}/{total}")
@@ -348,6 +362,8 @@ def _summary(rows, size, depths, alphas):
                 )
             if auto:
                 entry.update(auto=auto["speedup"], auto_acc=auto["acceptance"], auto_blocks=auto["blocks"])
+            if auto_mem:
+                entry.update(auto_mem=auto_mem["speedup"], auto_mem_blocks=auto_mem["blocks"])
             out.append(entry)
     return out
 
@@ -362,9 +378,10 @@ def _targets(summary, depth, num_layers):
         verdict = "met" if r["speedup"] >= target else "NOT met"
         model = "-" if r.get("model") is None else f"{r['model']:.2f}x"
         auto = "-" if r.get("auto") is None else f"{r['auto']:.2f}x"
+        auto_mem = "-" if r.get("auto_mem") is None else f"{r['auto_mem']:.2f}x"
         lines.append(
             f"target alpha=0.8, E={depth} (L={num_layers}), batch {size}: best fixed {r['best']} "
-            f"{r['speedup']:.2f}x (model {model}), auto {auto}; target {target}x: {verdict}"
+            f"{r['speedup']:.2f}x (model {model}), auto {auto}, auto-mem {auto_mem}; target {target}x: {verdict}"
         )
     return lines
 

@@ -15,7 +15,7 @@ from tiny_models import left_padded_batch, tiny_causal_lm  # noqa: E402
 import earlyexit.hf.generate as hf_generate  # noqa: E402
 from earlyexit import EarlyExitLM  # noqa: E402
 from earlyexit.hf import DraftPolicy  # noqa: E402
-from earlyexit.hf.draft_policy import EXPLORE_BUDGET, AdaptiveDraft  # noqa: E402
+from earlyexit.hf.draft_policy import EXPLORE_BUDGET, WINDOW, AdaptiveDraft, DraftMemory  # noqa: E402
 
 N = 10
 POLICIES = {
@@ -170,6 +170,77 @@ def test_adaptive_policy_follows_measurements():
             policy.observe_round(choice.depth, [0.99], 1, [0], 0.5, 1.5)  # each probe loses 1 s
     # Probes stop while their losses exceed the budget's share of the time.
     assert 1 <= sum(d is not None for d in rounds) <= 1 + EXPLORE_BUDGET * 60 / 1.0 + 1
+
+
+def test_adaptive_policy_forgets_old_drafts():
+    """Only the last WINDOW drafts per depth count: after a long run of accepted drafts, a window of
+    rejected ones turns drafting off (all-time counts would keep it on for as long again)."""
+    policy = AdaptiveDraft(30, [12], 4)
+    policy.observe_plain(1.0)
+    for _ in range(WINDOW):
+        policy.observe_round(12, [0.99] * 4, 4, [4], 4 * 0.1, 0.8)
+    assert policy.choose(10) == DraftPolicy(12, 0.0, 4)
+    for _ in range(WINDOW):  # a round whose first draft is rejected tells about that draft only
+        policy.observe_round(12, [0.99] * 4, 4, [0], 4 * 0.1, 0.8)
+    assert len(policy.seen[12]) == WINDOW and policy.rounds == 1 + 2 * WINDOW
+    # Every remembered draft was rejected; probes pause while the losses exceed the budget.
+    assert {c for c, _ in policy.seen[12]} == {0.99} and {a for _, a in policy.seen[12]} == {0.0}
+    assert policy.choose(10).depth is None
+
+
+def test_draft_memory_keys():
+    memory, made = DraftMemory(), []
+
+    def make():
+        made.append(AdaptiveDraft(30, [12], 4))
+        return made[-1]
+
+    a = memory.policy("config", 1, make)
+    assert memory.policy("config", 1, make) is a and len(made) == 1
+    b = memory.policy("config", 4, make)  # another batch size: its own policy
+    assert b is not a and memory.policy("config", 1, make) is a
+    assert memory.policy("other", 1, make) not in (a, b)  # another configuration forgets them all
+    assert memory.policy("config", 4, make) is not b
+    memory.clear()
+    assert memory.policy("config", 4, make) is made[-1] and len(made) == 5
+
+
+def test_draft_memory_across_calls(model, batch):
+    """draft_memory=True: "auto" keeps one policy per batch size across calls (the output never
+    changes); it is forgotten when what it measured changes or on reset_draft_memory()."""
+    ids, am = batch
+    eem = _eem(model, "auto")
+    refs = {rows: _reference(model, ids[:rows], am[:rows], N) for rows in (1, 3)}
+
+    def call(rows=3):
+        out = eem.generate(ids[:rows], am[:rows], max_new_tokens=N, mode="exact")
+        assert torch.equal(out.sequences, refs[rows])
+        s = out.stats
+        return s["draft_rounds_remembered"], s["plain_steps"] + s["draft_rounds"]
+
+    assert [call()[0] for _ in range(2)] == [0, 0]  # default: learned within each call only
+    eem.draft_memory = True
+    first, rounds = call()
+    assert first == 0 and rounds > 0
+    second, more = call()
+    assert second == rounds
+    assert call(rows=1)[0] == 0  # a batch size of its own
+    assert call()[0] == rounds + more
+    changes = [
+        lambda: setattr(eem, "draft_tokens", 3),
+        lambda: eem.set_exit_layers(EXITS[:1], 0.1),
+        lambda: setattr(eem, "heads", [None]),
+        lambda: setattr(eem, "draft_vocab", torch.arange(50)),
+        lambda: eem.draft_vocab.copy_(torch.arange(50).flip(0)),  # the same tensor, changed in place
+        eem.reset_draft_memory,
+    ]
+    for change in changes:
+        assert call()[0] > 0
+        change()
+        assert call()[0] == 0, change
+    eem.draft_memory = "yes"
+    with pytest.raises(ValueError, match="draft_memory"):
+        call()
 
 
 def test_draft_errors(model, batch):

@@ -14,14 +14,17 @@ that depth, :data:`STATE_QUANTILES`, since how saturated the states get depends 
 depth). Either way the verification keeps exact mode's output that of ``model.generate``.
 
 :class:`DraftPolicy` is a fixed configuration. :class:`AdaptiveDraft` ("auto") chooses one per round
-from what the same generate call has measured so far: the wall time of plain steps, draft steps per
-depth and verifications, and the acceptance of drafts by depth and confidence. It picks the
-configuration with the most expected tokens per second and decodes plainly when no drafting beats
+from what it has measured so far: the wall time of plain steps, draft steps per depth and
+verifications, and the acceptance of the last :data:`WINDOW` drafts per depth by confidence. It picks
+the configuration with the most expected tokens per second and decodes plainly when no drafting beats
 plain steps, re-trying one draft now and then so the estimates can recover, as long as what the
 drafting rounds lost against plain steps (plus the next probe's worst case) stays within
-:data:`EXPLORE_BUDGET` of the time so far.
+:data:`EXPLORE_BUDGET` of the time so far. By default it learns within one generate call;
+:class:`DraftMemory` keeps one per batch size across calls (``EarlyExitLM.draft_memory``), so a call
+starts from what the earlier ones measured instead of from a pessimistic prior.
 """
 
+import collections
 import math
 from dataclasses import dataclass
 
@@ -32,8 +35,12 @@ NEVER_STATE = float("-inf")
 #: measure="state": quantiles of the similarities seen at a depth that the adaptive policy also tries.
 STATE_QUANTILES = (0.1, 0.25, 0.5)
 
-#: Share of the call's time that losing drafting rounds may cost before probes pause.
+#: Share of the time so far that losing drafting rounds may cost before probes pause.
 EXPLORE_BUDGET = 0.03
+#: Drafts per depth whose confidence and acceptance the adaptive policy remembers. Older ones are
+#: forgotten, so that the estimates follow a drift (other prompts, a carried memory) and a choice
+#: costs the same in the thousandth round as in the tenth.
+WINDOW = 512
 
 
 @dataclass(frozen=True)
@@ -110,21 +117,26 @@ class AdaptiveDraft:
         self.plain_s = _Ema()
         self.draft_s = {e: _Ema() for e in self.depths}
         self.beta = _Ema()
-        # Per depth: (min-over-rows draft confidence, accepted or None for dropped drafts).
-        self.seen = {e: [] for e in self.depths}
+        # Per depth, the last WINDOW drafts: (min-over-rows confidence, accepted or None if dropped).
+        self.seen = {e: collections.deque(maxlen=WINDOW) for e in self.depths}
         self.best = None  # (rate, DraftPolicy) of the best drafting configuration, None = recompute
         self.elapsed_s = 0.0  # time of all rounds so far
         self.lost_s = 0.0  # time drafting rounds took beyond plain steps for the same tokens
+        self.rounds = 0  # rounds observed (plain steps and drafting rounds)
 
-    def _rate(self, e, t, n):
-        """Expected tokens per second of drafting at depth e, threshold t, at most n drafts."""
-        L, plain = self.num_layers, self.plain_s.value
+    def _acceptance(self, e, t):
+        """(p, a) at depth e and threshold t: P(confidence >= t) and P(accepted | confident)."""
         seen = self.seen[e]
         confident = [acc for c, acc in seen if c >= t]
         p = 1.0 if t == self.never else (len(confident) + 0.5) / (len(seen) + 1)
         verified = [acc for acc in confident if acc is not None]  # acceptance shares in [0, 1]
-        prior = 0.8 * e / L
-        a = (sum(verified) + 2 * prior) / (len(verified) + 2)
+        prior = 0.8 * e / self.num_layers
+        return p, (sum(verified) + 2 * prior) / (len(verified) + 2)
+
+    def _rate(self, e, p, a, n):
+        """Expected tokens per second of drafting at depth e, at most n drafts, with (p, a) of
+        :meth:`_acceptance` for the threshold."""
+        L, plain = self.num_layers, self.plain_s.value
         steps = sum(p**i for i in range(n))
         m = sum(p**i for i in range(1, n + 1))
         tokens = 1 + sum((p * a) ** i for i in range(1, n + 1))
@@ -148,15 +160,15 @@ class AdaptiveDraft:
 
     def _best(self):
         if self.best is None:
-            candidates = [
-                DraftPolicy(e, t, n)
-                for e in self.depths
-                for t in self._thresholds(e)
-                for n in range(1, self.max_tokens + 1)
-            ]
-            rates = [self._rate(c.depth, c.threshold, c.max_tokens) for c in candidates]
-            i = max(range(len(rates)), key=rates.__getitem__)
-            self.best = rates[i], candidates[i]
+            best = None
+            for e in self.depths:
+                for t in self._thresholds(e):
+                    p, a = self._acceptance(e, t)
+                    for n in range(1, self.max_tokens + 1):
+                        rate = self._rate(e, p, a, n)
+                        if best is None or rate > best[0]:  # the first of equal rates, as max() picks
+                            best = rate, DraftPolicy(e, t, n)
+            self.best = best
         return self.best
 
     def choose(self, limit):
@@ -176,6 +188,7 @@ class AdaptiveDraft:
         """A plain step took ``seconds``."""
         self.plain_s.add(seconds)
         self.elapsed_s += seconds
+        self.rounds += 1
 
     def observe_round(self, depth, confidences, drafted, accepted, draft_s, verify_s):
         """A drafting round at ``depth``.
@@ -204,4 +217,33 @@ class AdaptiveDraft:
         # Every row gains its accepted drafts plus one token, against one token per plain step.
         tokens = 1 + sum(accepted) / len(accepted)
         self.lost_s += max(0.0, draft_s + verify_s - tokens * plain)
+        self.rounds += 1
         self.best = None
+
+
+class DraftMemory:
+    """What the adaptive policy learned, kept across generate calls: one :class:`AdaptiveDraft` per
+    batch size (costs and the min-over-rows confidences depend on it), for one configuration.
+
+    ``config`` is anything comparable that says what the measurements were made with (exit layers,
+    heads, measure, most drafts, draft vocabulary, device, dtype); another one forgets them all.
+    """
+
+    def __init__(self):
+        self.clear()
+
+    def policy(self, config, batch, make, keep=()):
+        """The remembered policy of ``batch`` rows under ``config``, else a new one from ``make()``.
+
+        keep: the objects whose ``id()`` ``config`` holds. They stay referenced while remembered, so
+        that no new object takes one of their ids and passes for them.
+        """
+        if config != self.config:
+            self.config, self.kept, self.by_batch = config, tuple(keep), {}
+        if batch not in self.by_batch:
+            self.by_batch[batch] = make()
+        return self.by_batch[batch]
+
+    def clear(self):
+        """Forget every measurement."""
+        self.config, self.kept, self.by_batch = None, (), {}

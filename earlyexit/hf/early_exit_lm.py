@@ -43,7 +43,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from earlyexit.hf.draft_policy import AdaptiveDraft, DraftPolicy, FixedDraft
+from earlyexit.hf.draft_policy import AdaptiveDraft, DraftMemory, DraftPolicy, FixedDraft
 from earlyexit.hf.forward import DraftVocab, ExitSpec
 from earlyexit.hf.generate import generate
 from earlyexit.hf.model_adapter import ModelAdapter
@@ -139,6 +139,13 @@ class EarlyExitLM:
             acceptance, down to plain decoding) or a fixed :class:`~earlyexit.hf.DraftPolicy`
             (``DraftPolicy(None)``: no drafts). See :mod:`earlyexit.hf.draft_policy`.
         draft_tokens: the most drafts per round under "auto" (default 4; 0 = never draft).
+        draft_memory: False (default): "auto" learns within each generate call, from a pessimistic
+            prior. True: it keeps what it measured across calls, one policy per batch size, so a call
+            starts where the earlier ones of that size left off (``stats["draft_rounds_remembered"]``
+            says how many rounds it had seen). The memory is forgotten when the exit layers, heads,
+            measure, ``draft_tokens``, ``draft_vocab``, device or dtype change, and by
+            :meth:`reset_draft_memory` (call it after changing weights in place). The output is the
+            same either way: only the speed depends on it.
         draft_vocab: None (default: drafts over the whole vocabulary) or int64 token ids [V'] (e.g.
             :func:`earlyexit.tuning.draft_vocab.draft_vocabulary`, FR-Spec): exact mode's draft
             checks read only those rows of the shared head (copied once per head weight); the
@@ -170,6 +177,8 @@ class EarlyExitLM:
         self.heads = _check_heads(heads, self.exit_layers)
         self.draft = "auto"
         self.draft_tokens = 4
+        self.draft_memory = False
+        self._draft_memory = DraftMemory()
         self.draft_vocab = None
         self._sub_head = None  # (draft_vocab, its stamp, DraftVocab), see _draft_vocab
         self.compaction = True
@@ -216,11 +225,37 @@ class EarlyExitLM:
             self._sub_head = ids, stamp, DraftVocab(ids_here, self.adapter.sub_head(ids_here))
         return self._sub_head[2]
 
-    def _draft_policy(self):
-        """A fresh per-call driver of ``self.draft`` (ValueError if it is neither "auto" nor a valid DraftPolicy)."""
+    def reset_draft_memory(self):
+        """Forget what the adaptive draft policy learned in earlier calls (see ``draft_memory``)."""
+        self._draft_memory.clear()
+
+    def _draft_policy(self, batch):
+        """The driver of ``self.draft`` for a call of ``batch`` rows: fresh, or under "auto" with
+        ``draft_memory`` the one remembered for that batch size (ValueError if ``draft`` is neither
+        "auto" nor a valid DraftPolicy, or ``draft_memory`` is not a bool)."""
         d, L = self.draft, self.num_layers
         if isinstance(d, str) and d == "auto":
-            return AdaptiveDraft(L, self.exit_layers, int(self.draft_tokens), measure=self.measure)
+            tokens = int(self.draft_tokens)
+
+            def make():
+                return AdaptiveDraft(L, self.exit_layers, tokens, measure=self.measure)
+
+            if not isinstance(self.draft_memory, bool):
+                raise ValueError(f"draft_memory: expected True or False, got {self.draft_memory!r}")
+            if not self.draft_memory:
+                return make()
+            vocab = self.draft_vocab
+            objects = (*self.heads, vocab)
+            config = (
+                tuple(self.exit_layers),
+                self.measure,
+                tokens,
+                None if vocab is None else vocab._version,
+                str(self.adapter.device),
+                self.adapter.dtype,
+                *map(id, objects),
+            )
+            return self._draft_memory.policy(config, batch, make, keep=objects)
         if not isinstance(d, DraftPolicy):
             raise ValueError(f'draft: expected "auto" or a DraftPolicy, got {d!r}')
         if d.depth is not None and not (isinstance(d.depth, int) and 1 <= d.depth < L):
@@ -360,9 +395,10 @@ class EarlyExitLM:
         depths = self._schedule_depths(schedule, mode, max_new_tokens)
         device = self.adapter.device
         eos, pad = self._special_tokens(eos_token_id)
+        spec = self._spec()
         return generate(
             self.adapter,
-            self._spec(),
+            spec,
             input_ids.to(device),
             attention_mask.to(device).long(),
             max_new_tokens=max_new_tokens,
@@ -370,7 +406,7 @@ class EarlyExitLM:
             eos=eos,
             pad=pad,
             chooser=chooser,
-            policy=self._draft_policy() if mode == "exact" else None,
+            policy=self._draft_policy(input_ids.shape[0]) if mode == "exact" else None,
             progress=self.progress,
             schedule=depths,
         )

@@ -84,6 +84,7 @@ class _Run:
         self.rounds = []  # exact mode: (DraftPolicy or None for a plain step, drafts verified) per round
         self.holes = 0  # exact mode: cache positions of rejected drafts masked out, summed over rows
         self.compactions = 0  # exact mode: times the cache was compacted along the sequence axis
+        self.remembered = 0  # exact mode: rounds the draft policy had observed before this call
         # Invariant: attention_mask covers the cached positions plus the one of `pending`; a 0 marks
         # left padding or a hole (a rejected draft's position, see generate_exact).
         self.attention_mask = attention_mask
@@ -340,6 +341,7 @@ def generate_exact(adapter, spec, input_ids, attention_mask, max_new_tokens, eos
     # logits, whose ties model.generate breaks by index.
     fused = adapter.dtype == torch.float32
     run = _Run(adapter, input_ids, attention_mask, max_new_tokens, eos, pad, progress, first=(chooser, fused))
+    run.remembered = getattr(policy, "rounds", 0)
     num_layers, batch, device = adapter.num_layers, input_ids.shape[0], input_ids.device
     c = run.counters
     group = adapter.exit_head.get("group")
@@ -442,7 +444,9 @@ def _stats(run, spec, mode, seconds, exit_layer):
     draft_threshold (the most used in drafting rounds; None without any), block_lengths {drafts
     verified: rounds}, mean_block_length over drafting rounds, cache_holes (cache positions of
     rejected drafts masked out in rows that accepted fewer drafts than another row of the batch,
-    summed over rows) and cache_compactions (times they were compacted away).
+    summed over rows), cache_compactions (times they were compacted away) and
+    draft_rounds_remembered (rounds the adaptive policy had observed in earlier calls, under
+    ``EarlyExitLM.draft_memory``; 0 otherwise).
     """
     num_layers = run.adapter.num_layers
     generated = exit_layer > 0
@@ -468,6 +472,7 @@ def _stats(run, spec, mode, seconds, exit_layer):
         stats["draft_steps"] = c.draft_steps
         stats["cache_holes"] = run.holes
         stats["cache_compactions"] = run.compactions
+        stats["draft_rounds_remembered"] = run.remembered
         stats.update(_draft_stats(run.rounds))
     return stats
 
@@ -489,7 +494,8 @@ def generate(
 ):
     """Run one mode and package sequences, exit layers and statistics as a :class:`GenerateOutput`.
 
-    policy: exact mode's draft policy driver (:mod:`~earlyexit.hf.draft_policy`), fresh per call.
+    policy: exact mode's draft policy driver (:mod:`~earlyexit.hf.draft_policy`): fresh per call, or
+    one remembered across calls (:class:`~earlyexit.hf.draft_policy.DraftMemory`).
     progress: None or a callable receiving the number of positions generated so far, after each one.
     schedule: None, or exit mode's layers per generated position (a list of max_new_tokens ints,
     see :func:`generate_schedule`), which replaces the exit checks.
