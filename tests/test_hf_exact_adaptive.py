@@ -225,7 +225,13 @@ def test_draft_memory_across_calls(model, batch):
     second, more = call()
     assert second == rounds
     assert call(rows=1)[0] == 0  # a batch size of its own
-    assert call()[0] == rounds + more
+    third, last = call()
+    assert third == rounds + more
+    # Sampling accepts drafts at other rates than greedy decoding, each setting at its own.
+    sampled = [eem.generate(ids, am, max_new_tokens=N, mode="exact", do_sample=True, top_k=k).stats for k in (5, 5, 7)]
+    assert sampled[0]["draft_rounds_remembered"] == 0 == sampled[2]["draft_rounds_remembered"]
+    assert sampled[1]["draft_rounds_remembered"] == sampled[0]["plain_steps"] + sampled[0]["draft_rounds"]
+    assert call()[0] == third + last
     changes = [
         lambda: setattr(eem, "draft_tokens", 3),
         lambda: eem.set_exit_layers(EXITS[:1], 0.1),

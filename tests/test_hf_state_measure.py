@@ -183,7 +183,7 @@ def test_exact_mode_drafts_on_the_state_similarity(model, batch, threshold):
     thr = first if threshold == "first" else threshold
     eem = EarlyExitLM(model, EXITS, measure="state", threshold=0.9)
     spy = _Recording(DraftPolicy(depth, thr, max_tokens=4))
-    eem._draft_policy = lambda batch: spy
+    eem._draft_policy = lambda batch, chooser: spy
     out = eem.generate(ids, am, max_new_tokens=n, mode="exact")
     assert torch.equal(out.sequences, ref)
     assert spy.rounds and spy.rounds[0][0][0] == pytest.approx(first, abs=1e-5)

@@ -223,7 +223,8 @@ class AdaptiveDraft:
 
 class DraftMemory:
     """What the adaptive policy learned, kept across generate calls: one :class:`AdaptiveDraft` per
-    batch size (costs and the min-over-rows confidences depend on it), for one configuration.
+    key (the batch size, on which costs and the min-over-rows confidences depend, and how tokens are
+    chosen, on which acceptance depends), for one configuration.
 
     ``config`` is anything comparable that says what the measurements were made with (exit layers,
     heads, measure, most drafts, draft vocabulary, device, dtype); another one forgets them all.
@@ -232,18 +233,18 @@ class DraftMemory:
     def __init__(self):
         self.clear()
 
-    def policy(self, config, batch, make, keep=()):
-        """The remembered policy of ``batch`` rows under ``config``, else a new one from ``make()``.
+    def policy(self, config, key, make, keep=()):
+        """The remembered policy of ``key`` under ``config``, else a new one from ``make()``.
 
         keep: the objects whose ``id()`` ``config`` holds. They stay referenced while remembered, so
         that no new object takes one of their ids and passes for them.
         """
         if config != self.config:
-            self.config, self.kept, self.by_batch = config, tuple(keep), {}
-        if batch not in self.by_batch:
-            self.by_batch[batch] = make()
-        return self.by_batch[batch]
+            self.config, self.kept, self.by_key = config, tuple(keep), {}
+        if key not in self.by_key:
+            self.by_key[key] = make()
+        return self.by_key[key]
 
     def clear(self):
         """Forget every measurement."""
-        self.config, self.kept, self.by_batch = None, (), {}
+        self.config, self.kept, self.by_key = None, (), {}

@@ -140,8 +140,9 @@ class EarlyExitLM:
             (``DraftPolicy(None)``: no drafts). See :mod:`earlyexit.hf.draft_policy`.
         draft_tokens: the most drafts per round under "auto" (default 4; 0 = never draft).
         draft_memory: False (default): "auto" learns within each generate call, from a pessimistic
-            prior. True: it keeps what it measured across calls, one policy per batch size, so a call
-            starts where the earlier ones of that size left off (``stats["draft_rounds_remembered"]``
+            prior. True: it keeps what it measured across calls, one policy per batch size (and
+            sampling setting: greedy, or each temperature/top-p/top-k/min-p), so a call starts where
+            the earlier ones of that size left off (``stats["draft_rounds_remembered"]``
             says how many rounds it had seen). The memory is forgotten when the exit layers, heads,
             measure, ``draft_tokens``, ``draft_vocab``, device or dtype change, and by
             :meth:`reset_draft_memory` (call it after changing weights in place). The output is the
@@ -229,10 +230,11 @@ class EarlyExitLM:
         """Forget what the adaptive draft policy learned in earlier calls (see ``draft_memory``)."""
         self._draft_memory.clear()
 
-    def _draft_policy(self, batch):
-        """The driver of ``self.draft`` for a call of ``batch`` rows: fresh, or under "auto" with
-        ``draft_memory`` the one remembered for that batch size (ValueError if ``draft`` is neither
-        "auto" nor a valid DraftPolicy, or ``draft_memory`` is not a bool)."""
+    def _draft_policy(self, batch, chooser):
+        """The driver of ``self.draft`` for a call of ``batch`` rows choosing tokens by ``chooser``:
+        fresh, or under "auto" with ``draft_memory`` the one remembered for that batch size and
+        sampling setting (ValueError if ``draft`` is neither "auto" nor a valid DraftPolicy, or
+        ``draft_memory`` is not a bool)."""
         d, L = self.draft, self.num_layers
         if isinstance(d, str) and d == "auto":
             tokens = int(self.draft_tokens)
@@ -255,7 +257,9 @@ class EarlyExitLM:
                 self.adapter.dtype,
                 *map(id, objects),
             )
-            return self._draft_memory.policy(config, batch, make, keep=objects)
+            c = chooser
+            sampling = (c.temperature, c.top_p, c.top_k, c.min_p) if c.do_sample else None
+            return self._draft_memory.policy(config, (batch, sampling), make, keep=objects)
         if not isinstance(d, DraftPolicy):
             raise ValueError(f'draft: expected "auto" or a DraftPolicy, got {d!r}')
         if d.depth is not None and not (isinstance(d.depth, int) and 1 <= d.depth < L):
@@ -406,7 +410,7 @@ class EarlyExitLM:
             eos=eos,
             pad=pad,
             chooser=chooser,
-            policy=self._draft_policy(input_ids.shape[0]) if mode == "exact" else None,
+            policy=self._draft_policy(input_ids.shape[0], chooser) if mode == "exact" else None,
             progress=self.progress,
             schedule=depths,
         )
