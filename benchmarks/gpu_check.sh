@@ -75,7 +75,7 @@ step env 10 $PY -m earlyexit.env
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
 # Instrument earlyexit's own kernels only (CUDA: namespace earlyexit; Triton: the kernel names), not
 # torch's or cuBLAS': faster, and every report is ours. An older sanitizer without the filter runs all.
-SAN_FILTER=(--kernel-regex "kns=earlyexit|exit_check_kernel|compaction_kernel|scatter_rows_kernel|state_similarity_kernel")
+SAN_FILTER=(--kernel-regex "kns=earlyexit|exit_check_kernel|compaction_kernel|scatter_rows_kernel|state_similarity_kernel|merge_gathered_kernel")
 if [ -n "$SANITIZER" ] && ! "$SANITIZER" "${SAN_FILTER[@]}" true >/dev/null 2>&1; then
   echo "sanitizer        kernel filter not supported: every kernel is instrumented" >>"$SUMMARY"
   SAN_FILTER=()

@@ -1,7 +1,8 @@
 """Every GPU kernel path of earlyexit once, at small shapes, for compute-sanitizer.
 
 Both GPU backends: the CUDA kernels of earlyexit._C (decode FMA and tensor-core kernels, the chunked
-cuBLAS path, compaction, state similarity) and the Triton kernels (what "auto" picks on CUDA).
+cuBLAS path, compaction, state similarity) and the Triton kernels (what "auto" picks on CUDA; with the
+merge of gathered vocabulary-parallel statistics).
 gpu_check.sh runs it under `compute-sanitizer --tool memcheck` (out-of-bounds and misaligned accesses)
 and `--tool racecheck` (shared-memory hazards: the decode kernels reuse their staging buffer for the
 merge), instrumenting
@@ -17,7 +18,17 @@ import sys
 
 import torch
 
-from earlyexit.ops import backends, compact, exit_check, exit_stats, partition_rows, scatter_rows, state_similarity
+from earlyexit.ops import (
+    backends,
+    compact,
+    exit_check,
+    exit_stats,
+    finalize_exit_stats,
+    partition_rows,
+    scatter_rows,
+    state_similarity,
+)
+from earlyexit.ops.measures import get_head_measure
 
 # (dtype, N, d, V). CUDA: FMA decode (fp32, misaligned), tensor-core decode (each token-tile width,
 # resident and K-chunked rows, partial tiles), chunked cuBLAS path (N > 64). Triton: each row-block size,
@@ -96,6 +107,33 @@ def check_state_similarity(backend):
     return ok
 
 
+def check_gathered_merge():
+    """The Triton merge of gathered vocabulary-parallel statistics (several programs, W no power of two)."""
+    from earlyexit.distributed import _pack, merge_gathered
+    from earlyexit.triton_kernels.merge_stats import merge_check_gathered_triton, merge_gathered_triton
+
+    hidden = torch.randn(300, 64, device="cuda")
+    weight = torch.randn(500, 64, device="cuda")
+    bounds = [(0, 170), (170, 340), (340, 500)]
+    parts = [exit_stats(hidden, weight[a:b], vocab_start=a, backend="torch") for a, b in bounds]
+    words = torch.stack([_pack(p) for p in parts])
+    got = merge_gathered_triton(words)
+    want = merge_gathered(words.cpu())
+    torch.cuda.synchronize()
+    floats = (0, 2, 3, 4)  # max_logit, second_logit, sum_exp, sum_exp_z
+    good = all(torch.equal(got[i].cpu(), want[i]) for i in (1, 5)) and all(
+        torch.allclose(got[i].cpu(), want[i], rtol=1e-5, atol=1e-6) for i in floats
+    )
+    thr = torch.full((300,), 0.01, device="cuda")
+    spec = get_head_measure("max_prob")
+    check = merge_check_gathered_triton(words, thr, spec.code, spec.exit_above)
+    want_check = finalize_exit_stats(want, thr.cpu())
+    torch.cuda.synchronize()
+    good = good and all(torch.equal(check[i].cpu(), want_check[i]) for i in (0, 1))
+    print(f"merge_gathered triton W=3 N=300, statistics and decision: {'ok' if good else 'MISMATCH'}")
+    return good
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backends", default="cuda,triton", help="comma-separated GPU backends to check")
@@ -110,6 +148,8 @@ def main(argv=None):
         results.append(check_exit(backend, torch.bfloat16, 5, 64, 999, misaligned=True))
         results.append(check_compaction(backend))
         results.append(check_state_similarity(backend))
+        if backend == "triton":
+            results.append(check_gathered_merge())
     return 0 if results and all(results) else 1
 
 

@@ -18,8 +18,10 @@ import operator
 import torch
 import torch.distributed as dist
 
-from earlyexit.ops.exit_types import ExitStats
-from earlyexit.ops.reference import merge_stats
+from earlyexit.ops.backends import auto_backend
+from earlyexit.ops.exit_types import ExitResult, ExitStats
+from earlyexit.ops.measures import get_head_measure
+from earlyexit.ops.reference import finalize_stats, merge_stats
 
 
 def check_member(group):
@@ -78,15 +80,54 @@ def all_gather_exit_stats(stats, group):
     Returns:
         :class:`earlyexit.ExitStats` of the union of the ranks' slices, [N] fields.
     """
+    flat, words = _gather(stats, group)
+    return flat if words is None else merge_gathered(words)
+
+
+def all_gather_exit_check(stats, group, threshold, measure):
+    """The exit decision of every rank's slice: :func:`all_gather_exit_stats` and then
+    :func:`earlyexit.finalize_exit_stats`, in one kernel after the collective on CUDA tensors.
+
+    Args:
+        stats: as :func:`all_gather_exit_stats`. threshold: float32 [N]. measure: a head measure's name.
+    Returns:
+        :class:`earlyexit.ExitResult` of [N] fields, identical on every rank.
+    """
+    flat, words = _gather(stats, group)
+    spec = get_head_measure(measure)
+    if words is not None and auto_backend(words.device.type) == "triton":
+        from earlyexit.triton_kernels.merge_stats import merge_check_gathered_triton
+
+        thr = threshold.reshape(-1).to(torch.float32).contiguous()
+        return ExitResult(*merge_check_gathered_triton(words, thr, spec.code, spec.exit_above))
+    merged = flat if words is None else merge_gathered(words)
+    return ExitResult(*finalize_stats(merged, threshold.reshape(-1), measure))
+
+
+def _gather(stats, group):
+    """(this rank's fields flattened to [N], the gathered words [W, 7, N] or None when N = 0)."""
     check_member(group)
     flat = ExitStats(*(x.reshape(-1) for x in stats))
     if flat.max_logit.numel() == 0:
-        return flat
+        return flat, None
     words = _pack(flat)
     gathered = [torch.empty_like(words) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, words, group=group)
-    every = _unpack(torch.stack(gathered))  # [W, N] fields, unpacked at once
-    return ExitStats(*merge_stats([ExitStats(*(x[r] for x in every)) for r in range(len(gathered))]))
+    return flat, torch.stack(gathered)
+
+
+def merge_gathered(words):
+    """The merge of gathered words [W, 7, N] (rank order) into :class:`earlyexit.ExitStats` of [N] fields.
+
+    Where "auto" picks Triton (CUDA tensors), one kernel (``earlyexit.triton_kernels.merge_stats``);
+    elsewhere the unpack and :func:`~earlyexit.ops.reference.merge_stats`, whose rules it follows.
+    """
+    if auto_backend(words.device.type) == "triton":
+        from earlyexit.triton_kernels.merge_stats import merge_gathered_triton
+
+        return ExitStats(*merge_gathered_triton(words))
+    every = _unpack(words)  # [W, N] fields, unpacked at once
+    return ExitStats(*merge_stats([ExitStats(*(x[r] for x in every)) for r in range(words.shape[0])]))
 
 
 def max_over_ranks(values, group):

@@ -119,7 +119,7 @@ def _merge_partials(PART_F, PART_I, pid_n, n_splits, BLOCK_N: tl.constexpr, MERG
 
 
 @triton.jit
-def _finalize_store(
+def finalize_store(
     m,
     s,
     t,
@@ -310,7 +310,7 @@ def exit_check_kernel(
             tl.store(S_SUMZ + rows, t, mask=row_ok)
             tl.store(S_INVALID + rows, bad != 0, mask=row_ok)
         else:
-            _finalize_store(
+            finalize_store(
                 m,
                 s,
                 t,

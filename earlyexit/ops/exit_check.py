@@ -11,7 +11,7 @@ traces callers without graph breaks and treats the kernel as opaque. With a voca
 import torch
 
 from earlyexit.ops import backends
-from earlyexit.ops.exit_stats import exit_stats, finalize_exit_stats, scalar_args, threshold_rows, validate_head
+from earlyexit.ops.exit_stats import finalize_exit_stats, scalar_args, slice_stats, threshold_rows, validate_head
 from earlyexit.ops.exit_types import ExitResult
 from earlyexit.ops.extension import run_extension
 from earlyexit.ops.measures import get_head_measure
@@ -143,7 +143,7 @@ def exit_check(
     lead = tuple(hidden.shape[:-1])
     thr = threshold_rows(threshold, lead, hidden.device)
     if sharded:
-        stats = exit_stats(
+        stats = slice_stats(
             hidden,
             weight,
             norm_weight=norm_weight,
@@ -157,7 +157,13 @@ def exit_check(
             backend=backend,
             group=group,
         )
-        return finalize_exit_stats(stats, thr.reshape(lead), measure=measure)
+        if group is None:
+            result = finalize_exit_stats(stats, thr.reshape(-1), measure=measure)
+        else:
+            from earlyexit import distributed  # slice_stats checked the group
+
+            result = distributed.all_gather_exit_check(stats, group, thr, measure)
+        return ExitResult(*(x.reshape(lead) for x in result))
     d = hidden.shape[-1]
     impl = backends.resolve(backend, hidden.device.type)
     rows = hidden.reshape(-1, d)

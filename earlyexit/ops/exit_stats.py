@@ -199,6 +199,44 @@ def exit_stats(
         :class:`ExitStats`, each field shaped ``hidden.shape[:-1]``. An empty slice gives the neutral
         element of :func:`merge_exit_stats`.
     """
+    stats = slice_stats(
+        hidden,
+        weight,
+        norm_weight=norm_weight,
+        norm_eps=norm_eps,
+        norm_offset=norm_offset,
+        bias=bias,
+        softcap=softcap,
+        temperature=temperature,
+        vocab_start=vocab_start,
+        vocab_size=vocab_size,
+        backend=backend,
+        group=group,
+    )
+    if group is not None:
+        from earlyexit import distributed  # slice_stats checked the group
+
+        stats = distributed.all_gather_exit_stats(stats, group)
+    return ExitStats(*(x.reshape(hidden.shape[:-1]) for x in stats))
+
+
+def slice_stats(
+    hidden,
+    weight,
+    *,
+    norm_weight,
+    norm_eps,
+    norm_offset,
+    bias,
+    softcap,
+    temperature,
+    vocab_start,
+    vocab_size,
+    backend,
+    group,
+):
+    """This rank's part of :func:`exit_stats` (arguments as there): the statistics of its own slice, with
+    global ids, as [N] fields (N = the rows of ``hidden``), before any collective."""
     validate_head(
         hidden, weight, norm_weight, norm_eps, bias, temperature, norm_offset, softcap, allow_empty_vocab=True
     )
@@ -209,7 +247,6 @@ def exit_stats(
         if vocab_start is None:
             vocab_start = distributed.default_vocab_start(group, weight.shape[0])
     start, local = _vocab_range(0 if vocab_start is None else vocab_start, vocab_size, weight.shape[0])
-    lead = hidden.shape[:-1]
     rows = hidden.reshape(-1, hidden.shape[-1])
     n = rows.shape[0]
     if local == 0 or n == 0:
@@ -226,9 +263,7 @@ def exit_stats(
         # Global ids; an invalid row's argmax means nothing (a kernel may leave its sentinel there): -1.
         argmax = torch.where(stats[5], torch.full_like(stats[1], NO_TOKEN), stats[1] + start)
         stats = (stats[0], argmax, *stats[2:])
-    if group is not None:  # `distributed` was imported above, with the group checks
-        stats = distributed.all_gather_exit_stats(ExitStats(*stats), group)
-    return ExitStats(*(x.reshape(lead) for x in stats))
+    return ExitStats(*stats)
 
 
 def merge_exit_stats(stats):
