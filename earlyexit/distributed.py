@@ -18,7 +18,7 @@ import operator
 import torch
 import torch.distributed as dist
 
-from earlyexit.ops.backends import auto_backend
+from earlyexit.ops.backends import resolve
 from earlyexit.ops.exit_types import ExitResult, ExitStats
 from earlyexit.ops.measures import get_head_measure
 from earlyexit.ops.reference import finalize_stats, merge_stats
@@ -69,7 +69,7 @@ def _unpack(words):
     return ExitStats(f32[..., 0, :], argmax, f32[..., 1, :], f32[..., 2, :], f32[..., 3, :], words[..., 6, :] != 0)
 
 
-def all_gather_exit_stats(stats, group):
+def all_gather_exit_stats(stats, group, backend="auto"):
     """The statistics of every rank's slice, merged in rank order, identical on every rank.
 
     Args:
@@ -77,30 +77,32 @@ def all_gather_exit_stats(stats, group):
             every rank; argmax as global vocabulary ids).
         group: the ProcessGroup (None: the default group); exactly one ``all_gather`` of 7 x N int32 words
             per rank (none when N = 0: every rank knows N, and gloo rejects empty tensors).
+        backend: the exit check's backend, which also merges (see :func:`merge_gathered`).
     Returns:
         :class:`earlyexit.ExitStats` of the union of the ranks' slices, [N] fields.
     """
     flat, words = _gather(stats, group)
-    return flat if words is None else merge_gathered(words)
+    return flat if words is None else merge_gathered(words, backend)
 
 
-def all_gather_exit_check(stats, group, threshold, measure):
+def all_gather_exit_check(stats, group, threshold, measure, backend="auto"):
     """The exit decision of every rank's slice: :func:`all_gather_exit_stats` and then
-    :func:`earlyexit.finalize_exit_stats`, in one kernel after the collective on CUDA tensors.
+    :func:`earlyexit.finalize_exit_stats`; with the Triton backend one kernel after the collective.
 
     Args:
-        stats: as :func:`all_gather_exit_stats`. threshold: float32 [N]. measure: a head measure's name.
+        stats, group, backend: as :func:`all_gather_exit_stats`. threshold: float32 [N]. measure: a head
+            measure's name.
     Returns:
         :class:`earlyexit.ExitResult` of [N] fields, identical on every rank.
     """
     flat, words = _gather(stats, group)
     spec = get_head_measure(measure)
-    if words is not None and auto_backend(words.device.type) == "triton":
+    if words is not None and _merges_in_triton(words, backend):
         from earlyexit.triton_kernels.merge_stats import merge_check_gathered_triton
 
         thr = threshold.reshape(-1).to(torch.float32).contiguous()
         return ExitResult(*merge_check_gathered_triton(words, thr, spec.code, spec.exit_above))
-    merged = flat if words is None else merge_gathered(words)
+    merged = flat if words is None else merge_gathered(words, backend)
     return ExitResult(*finalize_stats(merged, threshold.reshape(-1), measure))
 
 
@@ -116,13 +118,19 @@ def _gather(stats, group):
     return flat, torch.stack(gathered)
 
 
-def merge_gathered(words):
+def _merges_in_triton(words, backend):
+    """Whether ``backend`` (as :func:`earlyexit.ops.backends.resolve` takes it) is Triton for the words' device."""
+    return resolve(backend, words.device.type) == "triton"
+
+
+def merge_gathered(words, backend="auto"):
     """The merge of gathered words [W, 7, N] (rank order) into :class:`earlyexit.ExitStats` of [N] fields.
 
-    Where "auto" picks Triton (CUDA tensors), one kernel (``earlyexit.triton_kernels.merge_stats``);
-    elsewhere the unpack and :func:`~earlyexit.ops.reference.merge_stats`, whose rules it follows.
+    When ``backend`` is (or "auto" picks, as on CUDA tensors) Triton, one kernel
+    (``earlyexit.triton_kernels.merge_stats``); otherwise the unpack and
+    :func:`~earlyexit.ops.reference.merge_stats`, whose rules it follows.
     """
-    if auto_backend(words.device.type) == "triton":
+    if _merges_in_triton(words, backend):
         from earlyexit.triton_kernels.merge_stats import merge_gathered_triton
 
         return ExitStats(*merge_gathered_triton(words))

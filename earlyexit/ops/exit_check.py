@@ -162,7 +162,7 @@ def exit_check(
         else:
             from earlyexit import distributed  # slice_stats checked the group
 
-            result = distributed.all_gather_exit_check(stats, group, thr, measure)
+            result = distributed.all_gather_exit_check(stats, group, thr, measure, backend)
         return ExitResult(*(x.reshape(lead) for x in result))
     d = hidden.shape[-1]
     impl = backends.resolve(backend, hidden.device.type)

@@ -216,7 +216,7 @@ def exit_stats(
     if group is not None:
         from earlyexit import distributed  # slice_stats checked the group
 
-        stats = distributed.all_gather_exit_stats(stats, group)
+        stats = distributed.all_gather_exit_stats(stats, group, backend)
     return ExitStats(*(x.reshape(hidden.shape[:-1]) for x in stats))
 
 
