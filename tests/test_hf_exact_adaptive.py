@@ -15,7 +15,7 @@ from tiny_models import left_padded_batch, tiny_causal_lm  # noqa: E402
 import earlyexit.hf.generate as hf_generate  # noqa: E402
 from earlyexit import EarlyExitLM  # noqa: E402
 from earlyexit.hf import DraftPolicy  # noqa: E402
-from earlyexit.hf.draft_policy import EXPLORE_BUDGET, WINDOW, AdaptiveDraft, DraftMemory  # noqa: E402
+from earlyexit.hf.draft_policy import EXPLORE_BUDGET, MEMORY_KEYS, WINDOW, AdaptiveDraft, DraftMemory  # noqa: E402
 
 N = 10
 POLICIES = {
@@ -203,6 +203,13 @@ def test_draft_memory_keys():
     assert memory.policy("config", 4, make) is not b
     memory.clear()
     assert memory.policy("config", 4, make) is made[-1] and len(made) == 5
+    # Bounded: the least recently used key goes first.
+    first = memory.policy("config", 0, make)
+    for key in range(1, MEMORY_KEYS + 1):
+        memory.policy("config", key, make)
+        memory.policy("config", 0, make)  # key 0 stays in use
+    assert len(memory.by_key) == MEMORY_KEYS and memory.policy("config", 0, make) is first
+    assert 1 not in memory.by_key and 2 in memory.by_key
 
 
 def test_draft_memory_across_calls(model, batch):

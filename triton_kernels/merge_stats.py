@@ -5,8 +5,9 @@ second_logit, sum_exp, sum_exp_z as float32 bit patterns, the int64 argmax as it
 halves, invalid). Output: the six ExitStats fields of the union, the merge of
 ``earlyexit.ops.reference.merge_stats`` (its rules, ties to the lowest global id; rank order; the sums
 in float32), or with the exit decision too the outputs of ``finalize_stats`` (the Triton exit check's
-own finalize step). One launch instead of the unpack and the fifty to seventy small tensor ops of the
-torch code, which on a GPU can cost more launch time than the sharded head itself.
+own finalize step). One launch instead of the torch code's unpack, merge and finalize: about fifty
+tensor ops that launch kernels, seventy with the decision, whose launch time on a GPU can exceed the
+time to read a sharded head.
 """
 
 import torch

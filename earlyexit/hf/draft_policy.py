@@ -41,6 +41,10 @@ EXPLORE_BUDGET = 0.03
 #: forgotten, so that the estimates follow a drift (other prompts, a carried memory) and a choice
 #: costs the same in the thousandth round as in the tenth.
 WINDOW = 512
+#: Keys (batch size, sampling setting) a :class:`DraftMemory` keeps a policy for; the least recently
+#: used one is forgotten beyond it, so that a server seeing many batch sizes and temperatures stays
+#: within a bounded memory.
+MEMORY_KEYS = 64
 
 
 @dataclass(frozen=True)
@@ -227,7 +231,8 @@ class DraftMemory:
     chosen, on which acceptance depends), for one configuration.
 
     ``config`` is anything comparable that says what the measurements were made with (exit layers,
-    heads, measure, most drafts, draft vocabulary, device, dtype); another one forgets them all.
+    heads, measure, most drafts, draft vocabulary, device, dtype); another one forgets them all. At
+    most :data:`MEMORY_KEYS` keys are kept, the least recently used forgotten first.
     """
 
     def __init__(self):
@@ -240,11 +245,15 @@ class DraftMemory:
         that no new object takes one of their ids and passes for them.
         """
         if config != self.config:
-            self.config, self.kept, self.by_key = config, tuple(keep), {}
-        if key not in self.by_key:
+            self.config, self.kept, self.by_key = config, tuple(keep), collections.OrderedDict()
+        if key in self.by_key:
+            self.by_key.move_to_end(key)
+        else:
             self.by_key[key] = make()
+            if len(self.by_key) > MEMORY_KEYS:
+                self.by_key.popitem(last=False)
         return self.by_key[key]
 
     def clear(self):
         """Forget every measurement."""
-        self.config, self.kept, self.by_key = None, (), {}
+        self.config, self.kept, self.by_key = None, (), collections.OrderedDict()
