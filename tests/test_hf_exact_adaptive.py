@@ -182,7 +182,7 @@ def test_adaptive_policy_forgets_old_drafts():
     assert policy.choose(10) == DraftPolicy(12, 0.0, 4)
     for _ in range(WINDOW):  # a round whose first draft is rejected tells about that draft only
         policy.observe_round(12, [0.99] * 4, 4, [0], 4 * 0.1, 0.8)
-    assert len(policy.seen[12]) == WINDOW and policy.rounds == 1 + 2 * WINDOW
+    assert len(policy.seen[12]) == WINDOW and policy.rounds_observed == 1 + 2 * WINDOW
     # Every remembered draft was rejected; probes pause while the losses exceed the budget.
     assert {c for c, _ in policy.seen[12]} == {0.99} and {a for _, a in policy.seen[12]} == {0.0}
     assert policy.choose(10).depth is None

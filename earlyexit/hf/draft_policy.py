@@ -67,6 +67,8 @@ class DraftPolicy:
 class FixedDraft:
     """The per-call driver of a :class:`DraftPolicy`: the same choice every round, nothing learned."""
 
+    rounds_observed = 0  # what a later call would start from: nothing is kept
+
     def __init__(self, policy):
         self.policy = policy
 
@@ -126,7 +128,7 @@ class AdaptiveDraft:
         self.best = None  # (rate, DraftPolicy) of the best drafting configuration, None = recompute
         self.elapsed_s = 0.0  # time of all rounds so far
         self.lost_s = 0.0  # time drafting rounds took beyond plain steps for the same tokens
-        self.rounds = 0  # rounds observed (plain steps and drafting rounds)
+        self.rounds_observed = 0  # rounds observed (plain steps and drafting rounds)
 
     def _acceptance(self, e, t):
         """(p, a) at depth e and threshold t: P(confidence >= t) and P(accepted | confident)."""
@@ -192,7 +194,7 @@ class AdaptiveDraft:
         """A plain step took ``seconds``."""
         self.plain_s.add(seconds)
         self.elapsed_s += seconds
-        self.rounds += 1
+        self.rounds_observed += 1
 
     def observe_round(self, depth, confidences, drafted, accepted, draft_s, verify_s):
         """A drafting round at ``depth``.
@@ -221,7 +223,7 @@ class AdaptiveDraft:
         # Every row gains its accepted drafts plus one token, against one token per plain step.
         tokens = 1 + sum(accepted) / len(accepted)
         self.lost_s += max(0.0, draft_s + verify_s - tokens * plain)
-        self.rounds += 1
+        self.rounds_observed += 1
         self.best = None
 
 

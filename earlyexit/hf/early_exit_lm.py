@@ -236,14 +236,14 @@ class EarlyExitLM:
         sampling setting (ValueError if ``draft`` is neither "auto" nor a valid DraftPolicy, or
         ``draft_memory`` is not a bool)."""
         d, L = self.draft, self.num_layers
+        if not isinstance(self.draft_memory, bool):
+            raise ValueError(f"draft_memory: expected True or False, got {self.draft_memory!r}")
         if isinstance(d, str) and d == "auto":
             tokens = int(self.draft_tokens)
 
             def make():
                 return AdaptiveDraft(L, self.exit_layers, tokens, measure=self.measure)
 
-            if not isinstance(self.draft_memory, bool):
-                raise ValueError(f"draft_memory: expected True or False, got {self.draft_memory!r}")
             if not self.draft_memory:
                 return make()
             vocab = self.draft_vocab
@@ -399,10 +399,9 @@ class EarlyExitLM:
         depths = self._schedule_depths(schedule, mode, max_new_tokens)
         device = self.adapter.device
         eos, pad = self._special_tokens(eos_token_id)
-        spec = self._spec()
         return generate(
             self.adapter,
-            spec,
+            self._spec(),
             input_ids.to(device),
             attention_mask.to(device).long(),
             max_new_tokens=max_new_tokens,

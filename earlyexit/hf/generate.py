@@ -341,7 +341,7 @@ def generate_exact(adapter, spec, input_ids, attention_mask, max_new_tokens, eos
     # logits, whose ties model.generate breaks by index.
     fused = adapter.dtype == torch.float32
     run = _Run(adapter, input_ids, attention_mask, max_new_tokens, eos, pad, progress, first=(chooser, fused))
-    run.remembered = getattr(policy, "rounds", 0)
+    run.remembered = policy.rounds_observed
     num_layers, batch, device = adapter.num_layers, input_ids.shape[0], input_ids.device
     c = run.counters
     group = adapter.exit_head.get("group")
