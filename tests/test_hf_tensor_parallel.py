@@ -105,6 +105,13 @@ def _run_modes(model, threshold, ids, am):
     generate.synchronized_clock = lambda device: clock(device) + noise.random()
     try:
         out["exact_noisy_clocks"] = eem.generate(ids, am, max_new_tokens=NEW, mode="exact").sequences
+        # The same under draft_memory: what each rank remembers across calls must stay alike too.
+        eem.draft_memory = True
+        remembering = [eem.generate(ids, am, max_new_tokens=NEW, mode="exact") for _ in range(3)]
+        out["exact_memory"] = [r.sequences for r in remembering]
+        out["exact_memory_rounds"] = [
+            (r.stats["draft_rounds_remembered"], r.stats["draft_rounds"]) for r in remembering
+        ]
     finally:
         generate.synchronized_clock = clock
     return out
@@ -194,6 +201,9 @@ def test_exact_mode_equals_generate(runs):
         assert torch.equal(r["generate"], reference), "transformers' TP generate differs from one process"
         assert torch.equal(r["exact"], reference)
         assert torch.equal(r["exact_noisy_clocks"], reference)
+        assert all(torch.equal(s, reference) for s in r["exact_memory"])
+    rounds = [r["exact_memory_rounds"] for r in ranks]
+    assert rounds[0] == rounds[1] and rounds[0][0][0] == 0 < rounds[0][1][0] < rounds[0][2][0], rounds
 
 
 def test_exit_mode_identical_on_every_rank(runs):
