@@ -20,7 +20,7 @@ from tiny_models import tiny_causal_lm  # noqa: E402
 
 from earlyexit.apps import cli  # noqa: E402
 from earlyexit.apps import policy_cache as pc  # noqa: E402
-from earlyexit.apps.model_loading import default_exit_layers, format_prompts, load_model  # noqa: E402
+from earlyexit.apps.model_loading import default_exit_layers, format_prompts, gguf_parsed_once, load_model  # noqa: E402
 from earlyexit.hf.model_adapter import SUPPORTED  # noqa: E402
 
 TEXTS = [
@@ -238,3 +238,24 @@ def test_cli_exit_status_and_help(capsys):
         "--model PATH" in helps["demo"] and "--prompts N" in helps["demo"] and "--calibration-tokens" in helps["demo"]
     )
     assert "--model PATH" in helps["calibrate"] and "--max-tokens" in helps["calibrate"]
+
+
+def test_gguf_parsed_once_shares_one_reader_per_file_and_mode(monkeypatch, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    built = []
+
+    class Reader:
+        def __init__(self, path, mode="r"):
+            built.append((path, mode))
+
+    monkeypatch.setattr(gguf, "GGUFReader", Reader)
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    with gguf_parsed_once():
+        first = gguf.GGUFReader(str(a))
+        assert gguf.GGUFReader(a) is first  # the same file by another spelling
+        assert gguf.GGUFReader(str(b)) is not first and gguf.GGUFReader(str(a), "r+") is not first
+    assert built == [(str(a), "r"), (str(b), "r"), (str(a), "r+")]
+    assert gguf.GGUFReader is Reader and gguf.GGUFReader(str(a)) is not first  # restored: a new reader each call
+    with pytest.raises(RuntimeError), gguf_parsed_once():
+        raise RuntimeError("a failed load")
+    assert gguf.GGUFReader is Reader

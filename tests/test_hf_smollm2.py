@@ -23,13 +23,37 @@ NEW = 6
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    model, tokenizer = load_smollm2()
+def smollm2_parses():
+    """(model, tokenizer) loaded once, and the paths of the GGUF readers transformers constructed for it."""
+    import gguf
+
+    original, parsed = gguf.GGUFReader, []
+
+    def counting_reader(path, *args, **kwargs):
+        parsed.append(str(path))
+        return original(path, *args, **kwargs)
+
+    gguf.GGUFReader = counting_reader
+    try:
+        model, tokenizer = load_smollm2()
+    finally:
+        gguf.GGUFReader = original
+    return model, tokenizer, parsed
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_parses):
+    model, tokenizer, _ = smollm2_parses
     enc = tokenizer(PROMPTS, return_tensors="pt", padding=True)
     assert (enc.attention_mask[:, 0] == 0).any(), "prompts must differ in length (left padding)"
     with torch.no_grad():
         ref = model.generate(**enc, max_new_tokens=NEW, do_sample=False)
     return model, enc, ref
+
+
+def test_gguf_parsed_once(smollm2_parses):
+    """Config, tokenizer and weights come from one parse of the file (transformers asks three times)."""
+    assert len(smollm2_parses[2]) == 1, smollm2_parses[2]
 
 
 def test_exact_mode_equals_generate(smollm2):

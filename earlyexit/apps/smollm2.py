@@ -33,11 +33,12 @@ def load_smollm2(dtype=None, device=None):
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from earlyexit.apps.model_loading import pad_on_the_left
+    from earlyexit.apps.model_loading import gguf_parsed_once, pad_on_the_left
 
     folder, name = gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name).eval()
+    with gguf_parsed_once():
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name).eval()
     if dtype is not None or device is not None:
         model = model.to(device=device, dtype=dtype)
     pad_on_the_left(model, tokenizer)
