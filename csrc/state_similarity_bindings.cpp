@@ -25,7 +25,8 @@ at::Tensor state_similarity_op(const at::Tensor& h, const at::Tensor& h_prev) {
               h_prev.sizes());
   TORCH_CHECK(h_prev.device() == h.device(), op, ": h_prev must be on ", h.device(), " (like h), got ",
               h_prev.device());
-  TORCH_CHECK(h.size(0) == 0 || (h.stride(1) == 1 && h_prev.stride(1) == 1), op,
+  // With d == 1 the column stride is never used (and torch calls such a tensor contiguous whatever it is).
+  TORCH_CHECK(h.size(0) == 0 || h.size(1) == 1 || (h.stride(1) == 1 && h_prev.stride(1) == 1), op,
               ": h and h_prev must have a unit column stride");
   at::Tensor out = at::empty({h.size(0)}, h.options().dtype(at::kFloat));
   Kernel(h, h_prev, out);

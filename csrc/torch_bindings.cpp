@@ -51,8 +51,9 @@ void check_head(const char* op, const ExitArgs& a) {
   TORCH_CHECK(h.size(1) >= 1 && w.size(1) == h.size(1), op, ": weight must have shape [V, ", h.size(1),
               "] with d >= 1, got ", w.sizes());
   TORCH_CHECK(w.size(0) >= 1, op, ": weight must have at least one vocabulary row");
-  TORCH_CHECK(h.size(0) == 0 || h.stride(1) == 1, op, ": hidden must have a unit column stride");
-  TORCH_CHECK(w.stride(1) == 1, op, ": weight must have a unit column stride");
+  // A column stride only matters with more than one column: torch calls a [N, 1] tensor contiguous whatever it is.
+  TORCH_CHECK(h.size(0) == 0 || h.size(1) == 1 || h.stride(1) == 1, op, ": hidden must have a unit column stride");
+  TORCH_CHECK(w.size(1) == 1 || w.stride(1) == 1, op, ": weight must have a unit column stride");
   TORCH_CHECK(w.device() == h.device(), op, ": weight must be on ", h.device(), " (like hidden), got ", w.device());
   check_vector(op, a.norm_weight, "norm_weight", h.size(1), h);
   check_vector(op, a.bias, "bias", w.size(0), h);

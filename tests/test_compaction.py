@@ -117,6 +117,24 @@ def test_partition_rows_out(backend, device):
 
 
 @pytest.mark.parametrize(("backend", "device"), [p.values for p in BACKENDS], ids=[p.id for p in BACKENDS])
+@pytest.mark.parametrize("n", [6, 20000])
+def test_mask_bytes_other_than_one_keep_their_rows(backend, device, n):
+    # A bool tensor viewed from bytes can hold 2..255: any nonzero byte keeps its row, as in torch's own ops.
+    # The C++ kernel once added the raw bytes up, wrote past the index and lost rows.
+    raw = torch.randint(0, 256, (n,), dtype=torch.uint8) * (torch.rand(n) < 0.4)
+    keep = raw.view(torch.bool).to(device)
+    rows = torch.arange(n, dtype=torch.float32, device=device)
+    kept = (raw != 0).nonzero().reshape(-1)
+    (packed,), index = compact(keep, rows, backend=backend)
+    assert torch.equal(index.cpu(), kept) and torch.equal(packed.cpu(), kept.float())
+    (parts,), perm, count = partition_rows(keep, rows, backend=backend)
+    expected = torch.cat([kept, (raw == 0).nonzero().reshape(-1)])
+    assert (
+        int(count) == kept.numel() and torch.equal(perm.cpu(), expected) and torch.equal(parts.cpu(), expected.float())
+    )
+
+
+@pytest.mark.parametrize(("backend", "device"), [p.values for p in BACKENDS], ids=[p.id for p in BACKENDS])
 def test_no_tensors_gives_index_and_perm_only(backend, device):
     keep = make_keep(41, "random", device)
     packed, index = compact(keep, backend=backend)
@@ -302,6 +320,12 @@ def test_bad_keep_and_tensors(fn, keep, tensors, match):
         fn(keep, *tensors)
 
 
+def _same_memory_twice():
+    """out tensors of the right shapes and dtypes ([3, 2] float32, [3] int64) over one storage."""
+    buf = torch.empty(12)
+    return buf[:6].view(3, 2), buf[6:].view(torch.int64)
+
+
 @pytest.mark.parametrize(
     ("out", "match"),
     [
@@ -311,6 +335,7 @@ def test_bad_keep_and_tensors(fn, keep, tensors, match):
         ((torch.empty(3, 2), torch.empty(3)), r"out\[1\]: expected dtype int64"),
         ((torch.empty(3, 2, device="meta"), torch.empty(3, dtype=torch.int64)), r"out\[0\]: expected a tensor on cpu"),
         ((X, torch.empty(3, dtype=torch.int64)), r"out\[0\]: must not share memory with an input"),
+        (_same_memory_twice(), r"out\[1\]: must not share memory with another out"),
     ],
 )
 def test_bad_out(out, match):

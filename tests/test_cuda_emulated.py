@@ -113,6 +113,13 @@ def test_large_d_shrinks_row_groups_and_stages_k_chunks(run):
     res, plan = run(hidden, weight, 0.5, norm_weight=norm_weight)
     assert plan.startswith("decode_kernel RG=4"), plan
     check_against_truth(res, hidden, weight, norm_weight, None, thr=0.5)
+    # float32, d = 6976: 8 rows (223232 bytes) fit the opt-in limit less the arrays' 8192 bytes, but not less
+    # the static shared memory an sm_90 build reports (with its flags and 1 KiB reservation): the plan
+    # takes the budget as the runtime reports it, so the group halves rather than the launch failing.
+    hidden, weight, _, _ = make_inputs(8, 6976, 40, torch.float32, "cpu", norm=False, bias=False)
+    res, plan = run(hidden, weight, 0.5)
+    assert plan.startswith("decode_kernel RG=4"), plan
+    check_against_truth(res, hidden, weight, None, None, thr=0.5)
     # bf16, 40 rows (64 padded) x d = 2048 exceed it too: the tensor-core kernel stages K chunks per round.
     hidden, weight, norm_weight, bias = make_inputs(40, 2048, 50, torch.bfloat16, "cpu")
     res, plan = run(hidden, weight, 0.5, norm_weight=norm_weight, bias=bias)

@@ -54,6 +54,38 @@ def test_measures_split_rows_at_threshold(backend, device, measure):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+def test_margin_of_nearly_tied_top_logits(backend, device):
+    # 1 - exp(second - top) cancels when the two nearly tie: the margin must keep its float32 relative accuracy
+    # (expm1), or a margin threshold decides differently on different backends.
+    gaps = torch.tensor([1e-7, 3e-7, 1e-6, 1e-4, 0.01, 0.2, 0.3, 3.0])
+    n = gaps.numel()
+    hidden = torch.ones(n, 1, device=device)
+    weight = torch.tensor([[0.0], [1.0]], device=device)
+    bias = torch.zeros(2, device=device)
+    # Row i's logits are (0, 1) scaled by the gap: a [n, 1] hidden column times the weight gives exactly that.
+    hidden = (hidden * gaps[:, None].to(device)).contiguous()
+    res = exit_check(hidden, weight, 0.5, measure="margin", bias=bias, backend=backend)
+    z = (hidden.double() @ weight.double().T).cpu()
+    p = torch.softmax(z, -1)
+    truth = (p[:, 1] - p[:, 0]).float()
+    torch.testing.assert_close(res.margin.cpu(), truth, rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+def test_norm_of_a_row_whose_float32_sum_of_squares_overflows(backend, device, dtype):
+    # The float32 mean of squares is inf (each square is finite): RMSNorm gives zeros, as LlamaRMSNorm does,
+    # on every backend alike (one once summed in float64 and normalized the row instead).
+    hidden = torch.tensor([[1.5e19, -1.2e19, 1e19], [1.0, 2.0, 3.0]], device=device).to(dtype)
+    weight = torch.tensor([[-1.0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], device=device).to(dtype)
+    norm_weight = torch.ones(3, device=device)
+    res = exit_check(hidden, weight, 0.3, norm_weight=norm_weight, backend=backend)
+    ref = exit_check(hidden, weight, 0.3, norm_weight=norm_weight, backend="torch")
+    assert res.token.tolist() == ref.token.tolist() and res.exit.tolist() == ref.exit.tolist()
+    assert res.max_prob[0] == ref.max_prob[0] == 0.25  # all four logits 0: a uniform row
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_temperature(backend, device):
     hidden, weight, norm_weight, b = make_inputs(5, 57, 111, torch.float32, device)
     res = exit_check(hidden, weight, 0.5, norm_weight=norm_weight, bias=b, temperature=0.37, backend=backend)
@@ -76,6 +108,31 @@ def test_strided_rows_and_leading_dims(backend, device):
     res_t = exit_check(t, weight, 0.1, backend=backend)
     ref_t = exit_check(t.contiguous(), weight, 0.1, backend=backend)
     assert torch.equal(res_t.token, ref_t.token)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("n", [3, 20])
+def test_broadcast_weight_rows(backend, device, dtype, n):
+    # An expanded head (row stride 0, every vocabulary row the same): all logits tie, token 0 on every row.
+    # The C++ kernel's prefetch distance once divided by the row stride.
+    # Small integers: every logit is exact, so the tie is exact whatever order a backend sums in.
+    hidden = torch.randint(-3, 4, (n, 8), device=device).to(dtype)
+    weight = torch.randint(-3, 4, (8,), device=device).to(dtype).expand(50, 8)
+    res = exit_check(hidden, weight, 0.5, backend=backend)
+    assert torch.equal(res.token, torch.zeros(n, dtype=torch.long, device=device))
+    torch.testing.assert_close(res.max_prob, torch.full((n,), 1 / 50, device=device))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_one_column_with_any_column_stride(backend, device):
+    # d = 1: torch calls a [N, 1] tensor contiguous whatever its column stride, so it reaches the kernels as is.
+    hidden = torch.randn(1, 4, device=device).t()  # [4, 1], strides (1, 4)
+    weight = torch.randn(1, 7, device=device).t()  # [7, 1], strides (1, 7)
+    res = exit_check(hidden, weight, 0.5, backend=backend)
+    ref = exit_check(hidden.clone(), weight.clone(), 0.5, backend="torch")
+    assert torch.equal(res.token, ref.token)
+    torch.testing.assert_close(res.max_prob, ref.max_prob)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -213,6 +270,23 @@ def test_torch_compile_fullgraph():
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+def test_torch_compile_fullgraph_float_arguments_that_change():
+    # A float that changes between calls is traced as a symbolic float on the recompile: the argument
+    # checks must be traceable on it (math.isfinite is not).
+    hidden, weight, norm_weight, b = make_inputs(5, 57, 111, torch.float32, "cpu")
+
+    def step(h, temperature, softcap, norm_offset, norm_eps):
+        kw = dict(norm_weight=norm_weight, bias=b, norm_offset=norm_offset, norm_eps=norm_eps)
+        r = exit_check(h, weight, 0.1, temperature=temperature, softcap=softcap, **kw)
+        return r.token, r.confidence
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    for args in ((1.0, 30.0, 0.0, 1e-6), (2.0, 20.0, 1.0, 1e-5), (0.5, 10.0, 0.5, 1e-4)):
+        got, want = compiled(hidden, *args), step(hidden, *args)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("n", [1, 64, 100])
@@ -268,6 +342,10 @@ def test_errors_name_the_argument():
         (dict(threshold=torch.ones(4)), "threshold"),
         (dict(threshold="high"), "threshold"),
         (dict(norm_eps=-1.0), "norm_eps"),
+        (dict(norm_eps=math.inf), "norm_eps"),
+        (dict(temperature=10**400), "temperature"),
+        (dict(softcap=math.nan), "softcap"),
+        (dict(threshold=10**400), "threshold"),
         (dict(backend="fastest"), "backend"),
         (dict(weight=torch.randn(0, 8)), "weight"),
         (dict(weight=torch.randn(8, 11).T), "weight"),

@@ -150,6 +150,12 @@ def test_invalid_rows_stay_invalid_and_do_not_disturb(backend, device):
     want = exit_check(hidden, weight, 0.0, bias=bias, backend=backend)
     assert_results_close(res, want)
     assert (res.token[[1, 4]] == -1).all() and not res.exit[[1, 4]].any() and res.max_prob[[1, 4]].isnan().all()
+    # A +inf logit in one slice only: the merged row is invalid and its argmax -1, whatever the other
+    # slices (and whichever backend computed the invalid one) hold.
+    spiked = bias.clone()
+    spiked[70] = math.inf
+    merged = merge_exit_stats(sliced_stats(hidden, weight, bounds, backend, bias=spiked))
+    assert merged.invalid.all() and (merged.argmax == -1).all()
     # Every slice -inf: no distribution, the row is invalid at finalize.
     dead = finalize_exit_stats(
         merge_exit_stats(sliced_stats(hidden, weight, bounds, backend, bias=bias * 0 - math.inf)), 0.0
@@ -259,6 +265,10 @@ def test_errors_name_the_argument():
     cases = [
         (lambda: exit_stats(hidden, weight, vocab_start=-1), "vocab_start"),
         (lambda: exit_stats(hidden, weight, vocab_start=1.5), "vocab_start"),
+        (lambda: exit_stats(hidden, weight, vocab_start=math.inf), "vocab_start"),
+        (lambda: exit_stats(hidden, weight, vocab_start=math.nan), "vocab_start"),
+        (lambda: exit_stats(hidden, weight, vocab_start=2**63 - 5), "vocab_start"),  # ids past int64
+        (lambda: exit_stats(hidden, weight, vocab_start=0, vocab_size=math.inf), "vocab_size"),
         (lambda: exit_stats(hidden, weight, vocab_start=30, vocab_size=20), "vocab_start"),
         (lambda: exit_stats(hidden, weight, vocab_size=0), "vocab_size"),
         (lambda: exit_stats(hidden, weight.half()), "weight"),

@@ -133,6 +133,29 @@ def test_interpreter_reason_names_the_numpy_bound(triton_version, numpy_version,
         assert reason is None
 
 
+@pytest.mark.parametrize(
+    "archs,caps,runs",
+    [
+        (["80", "90"], [(8, 0)], True),
+        (["80", "90"], [(8, 6)], True),  # sm_80 machine code runs on later 8.x GPUs
+        (["80", "90"], [(9, 0)], True),
+        (["80", "90"], [(10, 0), (12, 0)], True),  # through the compute_90 PTX
+        (["80", "90"], [(7, 5)], False),  # a T4: older than every target
+        (["90"], [(8, 0)], False),
+        (["86", "90"], [(8, 0)], False),  # 8.6 machine code needs 8.6 or newer
+        (["80", "90"], [(9, 0), (7, 0)], False),  # every visible GPU must be covered
+    ],
+)
+def test_arch_reason_follows_cuda_compatibility(archs, caps, runs):
+    # "auto" must not pick the extension on a GPU it holds no code for (the launch would fail).
+    reason = backends.arch_reason(archs, caps)
+    if runs:
+        assert reason is None
+    else:
+        major, minor = caps[-1]
+        assert f"sm_{major}{minor}" in reason and "EARLYEXIT_CUDA_ARCHS" in reason
+
+
 @needs_ext
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 def test_opcheck_cpp_op(dtype):

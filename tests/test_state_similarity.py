@@ -59,6 +59,15 @@ def test_strided_rows_and_leading_dims(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+def test_one_column_with_any_column_stride(backend, device):
+    # d = 1: torch calls a [N, 1] tensor contiguous whatever its column stride, so it reaches the kernels as is.
+    h, p = torch.randn(1, 5, device=device).t(), torch.randn(1, 5, device=device).t()  # [5, 1], strides (1, 5)
+    got = state_similarity(h, p, backend=backend)
+    torch.testing.assert_close(got, state_similarity(h.clone(), p.clone(), backend="torch"), rtol=0, atol=1e-6)
+    check_against_truth(got, h, p)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_one_dimensional_and_empty(backend, device):
     h, p = make_pair(1, 57, torch.float32, device)
     one = state_similarity(h[0], p[0], backend=backend)

@@ -119,6 +119,17 @@ def _merge_partials(PART_F, PART_I, pid_n, n_splits, BLOCK_N: tl.constexpr, MERG
 
 
 @triton.jit
+def _one_minus_exp(x):
+    """-expm1(x) for x <= 0 (or -inf), float32-accurate also where 1 - exp(x) cancels (x near 0: nearly tied
+    top logits), as the reference's and the C++ kernels' expm1: a Taylor polynomial for |x| < 1/4 (its first
+    omitted term is below 2e-9 relative), 1 - exp(x) beyond (at least 0.22, so exp's own error stays small)."""
+    poly = -x * (
+        1.0 + x * (0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120 + x * (1.0 / 720 + x * (1.0 / 5040))))))
+    )
+    return tl.where(x > -0.25, poly, 1.0 - tl.exp(x))
+
+
+@triton.jit
 def finalize_store(
     m,
     s,
@@ -142,13 +153,13 @@ def finalize_store(
     """Exit-check outputs of merged statistics (earlyexit.ops.reference.finalize_stats, in the kernel).
 
     The probabilities come from the sums relative to the maximum (max_prob = 1 / s, margin =
-    (1 - exp(top2 - m)) / s), never from exp(m - lse), so they keep float32 accuracy at any logit magnitude.
+    -expm1(top2 - m) / s), never from exp(m - lse), so they keep float32 accuracy at any logit magnitude.
     """
     log_s = tl.log(s)
     lse = m + log_s
     entropy = log_s - t / s
     max_prob = 1.0 / s
-    margin = (1.0 - tl.exp(top2 - m)) / s
+    margin = _one_minus_exp(top2 - m) / s
     valid = (bad == 0) & (lse == lse) & (tl.abs(lse) < float("inf"))
     lse = tl.where(valid, lse, float("nan"))
     entropy = tl.where(valid, entropy, float("nan"))

@@ -58,16 +58,18 @@ void move_rows(const std::vector<ByteRows>& tensors, const int64_t* from, const 
 void compaction_cpu(const at::Tensor& keep, at::TensorList srcs, at::TensorList dsts, const at::Tensor& index,
                     const std::optional<at::Tensor>& count, bool partition) {
   const int64_t n = keep.size(0);
-  const bool* k = keep.const_data_ptr<bool>();
+  // Any nonzero byte keeps its row, as in torch's ops and the CUDA kernel: a bool tensor made by a view
+  // or a reinterpreting copy can hold bytes other than 0 and 1.
+  const auto* k = reinterpret_cast<const uint8_t*>(keep.const_data_ptr<bool>());
   int64_t* idx = index.data_ptr<int64_t>();
   int64_t kept = 0;
-  for (int64_t i = 0; i < n; ++i) kept += k[i];
+  for (int64_t i = 0; i < n; ++i) kept += k[i] != 0;
   TORCH_CHECK(index.size(0) == (partition ? n : kept), "earlyexit_C::compaction: index has ", index.size(0),
               " rows, the mask keeps ", kept, " of ", n);
   // Kept rows fill the map from the front; a partition's other rows follow from position kept on.
   int64_t front = 0, back = kept;
   for (int64_t i = 0; i < n; ++i) {
-    if (k[i]) {
+    if (k[i] != 0) {
       idx[front++] = i;
     } else if (partition) {
       idx[back++] = i;

@@ -66,7 +66,9 @@ void normalize_rows(const ExitArgs& a, float* x, uint8_t* finite) {
       }
       finite[i] = ok;
       if (g) {
-        const float inv = 1.f / std::sqrt(static_cast<float>(sumsq / d) + static_cast<float>(a.eps));
+        // Rounded to float32 before the mean, as the reference and the GPU kernels sum: beyond the float
+        // range the sum is inf and the row normalizes to zeros there too, not to a finite row here.
+        const float inv = 1.f / std::sqrt(static_cast<float>(sumsq) / static_cast<float>(d) + static_cast<float>(a.eps));
         for (int64_t k = 0; k < d; ++k) xr[k] = static_cast<float>(static_cast<scalar_t>(xr[k] * inv * g[k]));
       }
     }

@@ -26,8 +26,10 @@ constexpr int64_t kPrefetchBytes = 8192;
 // The prefetch distance for J weight rows read side by side, `span` = J * ldw * element bytes apart
 // per group: kPrefetchBytes rounded up to whole groups, so that a row's prefetch lands on the line the
 // same row of a later group reads (the rows of a chunk are one stream when ldw == d), never on a line
-// of the group being read.
-inline int64_t prefetch_ahead(int64_t span) { return (kPrefetchBytes + span - 1) / span * span; }
+// of the group being read. A span of 0 (a broadcast weight, row stride 0) reads one line over and over.
+inline int64_t prefetch_ahead(int64_t span) {
+  return span > 0 ? (kPrefetchBytes + span - 1) / span * span : kPrefetchBytes;
+}
 
 // Weight element formats (load8: 8 elements as float32 into v; load1: one): the weight streams from memory in its own dtype (2 bytes for bf16/fp16, half
 // the traffic of an upcast copy) and is widened to float32 in registers; the widening is exact.

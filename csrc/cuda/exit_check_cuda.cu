@@ -168,8 +168,11 @@ void launch_decode(const cuda::Params<T>& p, const at::Tensor& like, cudaStream_
   const auto* props = at::cuda::getCurrentDeviceProperties();
   constexpr int kVec = 16 / sizeof(T);
   const bool vec = cuda::decode_vec_ok(p.weight, p.weight_stride, p.d, sizeof(T));
+  // The budget of the instantiation with the largest static arrays (RG = 8) holds for every RG.
+  const void* largest = vec ? reinterpret_cast<const void*>(cuda::decode_kernel<T, 8, kVec>)
+                            : reinterpret_cast<const void*>(cuda::decode_kernel<T, 8, 1>);
   const cuda::DecodePlan plan = cuda::decode_plan(p.n, p.d, p.v, sizeof(T), vec, props->multiProcessorCount,
-                                                  props->sharedMemPerBlockOptin, cuda::kThreads, cuda::kWarps);
+                                                  kernel_info(largest).smem_limit, cuda::kWarps);
   TORCH_CHECK(plan.rg > 0, "earlyexit_C (cuda): d = ", p.d,
               " is too large for the hidden row to fit in shared memory; use backend='triton'");
   auto go = [&](auto rg_tag) {

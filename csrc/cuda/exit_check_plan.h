@@ -38,19 +38,16 @@ inline bool mma_layout_ok(const void* hidden, int64_t hidden_stride, const void*
   return d % 8 == 0 && aligned(hidden, hidden_stride) && aligned(weight, weight_stride);
 }
 
-// RG is the smallest power of two >= N, at most 8, halved until RG rows of d elements fit in the opt-in
-// shared memory less the kernel's static arrays (a RowStats per thread, flags). Slices: enough blocks to
-// fill every SM a few times over, but at least `warps` columns per slice and no empty slice.
+// RG is the smallest power of two >= N, at most 8, halved until RG rows of d elements fit in `budget`: the
+// dynamic shared memory the kernel may use (the opt-in limit less its static arrays, as the runtime reports
+// them for the RG = 8 instantiation, whose static arrays are the largest). Slices: enough blocks to fill
+// every SM a few times over, but at least `warps` columns per slice and no empty slice.
 // vec_ok: decode_vec_ok for the weight.
-inline DecodePlan decode_plan(int n, int d, int64_t v, size_t elt, bool vec_ok, int sms, size_t smem_optin,
-                              int threads, int warps) {
+inline DecodePlan decode_plan(int n, int d, int64_t v, size_t elt, bool vec_ok, int sms, size_t budget, int warps) {
   DecodePlan plan;
-  const size_t static_bytes = sizeof(RowStats) * threads + 1024;
-  if (smem_optin <= static_bytes) return plan;
-  const size_t limit = smem_optin - static_bytes;
   int rg = n <= 1 ? 1 : n <= 2 ? 2 : n <= 4 ? 4 : 8;
-  while (rg > 1 && static_cast<size_t>(rg) * d * elt > limit) rg /= 2;
-  if (static_cast<size_t>(rg) * d * elt > limit) return plan;
+  while (rg > 1 && static_cast<size_t>(rg) * d * elt > budget) rg /= 2;
+  if (static_cast<size_t>(rg) * d * elt > budget) return plan;
   plan.rg = rg;
   plan.vec = vec_ok;
   plan.smem = static_cast<size_t>(rg) * d * elt;

@@ -93,6 +93,38 @@ CUDA_ARCHS = _compiled_cuda_archs()
 CPU_BF16_DOTS = getattr(EXTENSION, "cpu_bf16_dots", None)
 
 
+def arch_reason(archs, capabilities):
+    """Why CUDA code compiled for ``archs`` cannot run on every GPU of ``capabilities``, or None.
+
+    archs: compute capabilities as strings ("80", "90"), as :data:`CUDA_ARCHS`; setup.py compiles machine
+    code for each and PTX for the newest. capabilities: (major, minor) per visible GPU. Machine code runs
+    on a GPU of its major version and an equal or newer minor one; PTX is compiled by the driver for any
+    GPU at least as new.
+    """
+    nums = [int(a) for a in archs]
+    for i, (major, minor) in enumerate(capabilities):
+        if not any(a // 10 == major and a % 10 <= minor for a in nums) and major * 10 + minor < max(nums):
+            return (
+                f"the C++ extension has code for sm_{', sm_'.join(archs)} only, none that GPU {i} (sm_{major}{minor})"
+                f" can run: rebuild with EARLYEXIT_CUDA_ARCHS including {major}{minor}"
+            )
+    return None
+
+
+_GPU_ARCH_REASON = []  # arch_reason of this build and the visible GPUs, once known
+
+
+def _gpu_arch_reason():
+    # Found on the first eager call (reading device capabilities initializes CUDA, which an import must not);
+    # a trace before any eager call takes the GPUs as runnable, and the kernel launch itself would say otherwise.
+    if not _GPU_ARCH_REASON:
+        if torch.compiler.is_compiling():
+            return None
+        caps = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+        _GPU_ARCH_REASON.append(arch_reason(CUDA_ARCHS, caps))
+    return _GPU_ARCH_REASON[0]
+
+
 def unavailable_reason(backend, device_type):
     """Why ``backend`` cannot run on tensors of ``device_type`` ("cpu"/"cuda"), or None if it can."""
     if backend not in BACKENDS:
@@ -124,7 +156,7 @@ def unavailable_reason(backend, device_type):
             return "the C++ extension was built without CUDA kernels"
         if device_type != "cuda":
             return f"backend 'cuda' needs CUDA tensors, got {device_type!r}"
-        return None
+        return _gpu_arch_reason()
 
 
 def resolve(backend, device_type):

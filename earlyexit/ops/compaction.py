@@ -186,6 +186,8 @@ def _validate_out(out, tensors):
     for i, o in enumerate(out):
         if _storages([o]) & inputs:
             raise ValueError(f"out[{i}]: must not share memory with an input tensor (rows move between positions)")
+        if any(_storages([o]) & _storages([p]) for p in out[:i]):
+            raise ValueError(f"out[{i}]: must not share memory with another out tensor (each gets its own rows)")
 
 
 def compact(keep, *tensors, backend="auto"):

@@ -8,6 +8,7 @@ reference's own, :mod:`earlyexit.ops.reference`), traceable as they are.
 """
 
 import math
+import sys
 
 import torch
 
@@ -73,8 +74,18 @@ def _exit_stats_fake(hidden, weight, norm_weight, bias, norm_eps, temperature, n
     return _empty_stats_outputs(hidden.shape[0], hidden.device)
 
 
+_FLOAT_MAX = sys.float_info.max
+_MAX_TOKEN_ID = 2**63 - 1
+
+
+def _finite(x):
+    """Whether the number x is finite. Not math.isfinite: torch.compile cannot trace it on a symbolic float
+    (a float argument that changed between calls), and an int beyond float range would pass it."""
+    return x - x == 0 and -_FLOAT_MAX <= x <= _FLOAT_MAX
+
+
 def _check_number(name, value, ok, expected):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value) or not ok(value):
         raise ValueError(f"{name}: expected {expected}, got {value!r}")
 
 
@@ -101,7 +112,7 @@ def validate_head(
         raise ValueError("hidden: expected a last dimension d >= 1, got 0")
     if weight.shape[0] == 0 and not allow_empty_vocab:
         raise ValueError("weight: expected at least one vocabulary row, got V = 0")
-    if weight.shape[0] > 0 and weight.stride(1) != 1:
+    if weight.shape[0] > 0 and d > 1 and weight.stride(1) != 1:
         raise ValueError("weight: expected a unit stride along d (call .contiguous() once, outside the decode loop)")
     check_same_device("hidden", hidden, weight=weight)
     if bias is not None:
@@ -114,13 +125,13 @@ def validate_head(
         check_float_dtype("norm_weight", norm_weight, (torch.float32, torch.float16, torch.bfloat16))
         check_shape("norm_weight", norm_weight, (d,))
         check_same_device("hidden", hidden, norm_weight=norm_weight)
-    _check_number("temperature", temperature, lambda t: t > 0 and math.isfinite(t), "a finite float > 0")
-    _check_number("norm_eps", norm_eps, lambda e: e >= 0, "a float >= 0")
-    _check_number("norm_offset", norm_offset, math.isfinite, "a finite float")
+    _check_number("temperature", temperature, lambda t: t > 0, "a finite float > 0")
+    _check_number("norm_eps", norm_eps, lambda e: e >= 0, "a finite float >= 0")
+    _check_number("norm_offset", norm_offset, lambda o: True, "a finite float")
     if norm_offset != 0 and norm_weight is None:
         raise ValueError(f"norm_offset: {norm_offset!r} needs norm_weight (the scale is norm_offset + norm_weight)")
     if softcap is not None:
-        _check_number("softcap", softcap, lambda c: c > 0 and math.isfinite(c), "None or a finite float > 0")
+        _check_number("softcap", softcap, lambda c: c > 0, "None or a finite float > 0")
 
 
 def scalar_args(norm_eps, temperature, norm_offset, softcap):
@@ -148,12 +159,17 @@ def threshold_rows(threshold, lead, device):
         raise ValueError(f"threshold: expected a float or a tensor, got {type(threshold).__name__}")
     if threshold != threshold:  # NaN; not math.isnan, which torch.compile cannot trace on a symbolic float
         raise ValueError("threshold: expected a number, got NaN (no row could ever be compared with it)")
+    if isinstance(threshold, int) and not _finite(threshold):
+        raise ValueError("threshold: an int beyond the float range (use math.inf to never exit)")
     return torch.full((n,), float(threshold), dtype=torch.float32, device=device)
 
 
 def _vocab_range(vocab_start, vocab_size, rows):
     """Validated (vocab_start, local columns that are real vocabulary, not padding)."""
     _check_number("vocab_start", vocab_start, lambda s: int(s) == s and s >= 0, "an integer >= 0")
+    # Token ids are int64: the slice's last global id must be one.
+    if int(vocab_start) + rows > _MAX_TOKEN_ID + 1:
+        raise ValueError(f"vocab_start: {vocab_start} + {rows} local columns exceeds the int64 token ids")
     if vocab_size is None:
         return int(vocab_start), rows
     _check_number("vocab_size", vocab_size, lambda s: int(s) == s and s >= 1, "an integer >= 1")

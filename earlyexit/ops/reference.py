@@ -93,7 +93,8 @@ def merge_stats(parts):
     """Merge the statistics of disjoint vocabulary slices (a sequence of 6-tuples of [...] tensors).
 
     Associative and exact for argmax (the largest max_logit; ties go to the lowest vocabulary id, an empty
-    slice's NO_TOKEN never wins) and second_logit (the largest of the other logits, duplicates counted);
+    slice's NO_TOKEN never wins; NO_TOKEN for a row invalid in any slice, whatever the others hold) and
+    second_logit (the largest of the other logits, duplicates counted);
     sum_exp and sum_exp_z are rescaled to the common maximum, in float32. The slices are reduced together,
     in the given order, so equal inputs give bitwise equal results.
     """
@@ -111,9 +112,10 @@ def merge_stats(parts):
     at_top = m == top[None]
     best = torch.where(at_top, key, torch.full_like(key, _NO_ID)).min(0).values
     winner = at_top & (key == best[None])
-    argmax = torch.where(best == _NO_ID, torch.full_like(best, NO_TOKEN), best)
+    invalid = bad.any(0)
+    argmax = torch.where((best == _NO_ID) | invalid, torch.full_like(best, NO_TOKEN), best)
     others = torch.where(winner, torch.full_like(m, -math.inf), m).max(0).values
-    return top, argmax, torch.maximum(second.max(0).values, others), sum_exp, sum_exp_z, bad.any(0)
+    return top, argmax, torch.maximum(second.max(0).values, others), sum_exp, sum_exp_z, invalid
 
 
 def finalize_stats(stats, threshold, measure):

@@ -59,7 +59,11 @@ template <typename T>
 bool launch_decode(const Params<T>& p, int sms, size_t optin, int order) {
   constexpr int kVec = 16 / sizeof(T);
   const bool vec = decode_vec_ok(p.weight, p.weight_stride, p.d, sizeof(T));
-  const DecodePlan plan = decode_plan(p.n, p.d, p.v, sizeof(T), vec, sms, optin, kThreads, kWarps);
+  // The RG = 8 kernel's static shared memory as cudaFuncGetAttributes reports it for an sm_90 build (the
+  // RowStats array, the row flags, and the 1 KiB that build reserves) comes off the opt-in limit.
+  const size_t static_bytes = sizeof(RowStats) * kThreads + 16 + 1024;
+  if (optin <= static_bytes) return ee_emu::fail("decode plan: the rows do not fit in shared memory"), false;
+  const DecodePlan plan = decode_plan(p.n, p.d, p.v, sizeof(T), vec, sms, optin - static_bytes, kWarps);
   if (plan.rg == 0) return ee_emu::fail("decode plan: the rows do not fit in shared memory"), false;
   auto go = [&](auto rg_tag) {
     constexpr int RG = decltype(rg_tag)::value;
