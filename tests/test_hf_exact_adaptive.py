@@ -258,9 +258,15 @@ def test_draft_memory_across_calls(model, batch):
 
 def test_draft_errors(model, batch):
     ids, am = batch
-    for bad in ("fast", DraftPolicy(L), DraftPolicy(0), DraftPolicy(2, 0.0, 0), 3):
+    for bad in ("fast", DraftPolicy(L), 3):  # depth L: only the model says it is too deep
         with pytest.raises(ValueError, match="draft"):
             _eem(model, bad).generate(ids, am, max_new_tokens=2, mode="exact")
+    # A depth or block length that no model takes is refused when the policy is made
+    # (tests/test_hf_input_errors.py has the other bad fields).
+    with pytest.raises(ValueError, match=r"^DraftPolicy\.depth: "):
+        DraftPolicy(0)
+    with pytest.raises(ValueError, match=r"^DraftPolicy\.max_tokens: .*when drafting"):
+        DraftPolicy(2, 0.0, 0)
 
 
 def test_draft_vocabulary_keeps_the_output(model, batch):

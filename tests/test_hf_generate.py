@@ -322,6 +322,26 @@ def test_errors(batch):
         EarlyExitLM(gpt2, [1])
 
 
+def test_attention_switched_after_wrapping(batch):
+    """model.set_attn_implementation after EarlyExitLM(model) wrapped it: the masks follow the model's
+    implementation at each call (an sdpa boolean mask added to eager's scores would change every
+    token), and one the masks do not serve is refused at the call, as at construction."""
+    ids, am = batch
+    model = tiny_causal_lm("llama", num_layers=L, attn_implementation="sdpa")
+    eem = EarlyExitLM(model, EXITS, threshold=0.1)
+    eem.draft = DraftPolicy(EXITS[0], max_tokens=3)
+    model.set_attn_implementation("eager")
+    ref = _reference(model, ids, am, 8)
+    for mode in ("exact", "exit"):
+        eem.set_exit_layers(EXITS, 0.1 if mode == "exact" else 2.0)  # exit mode: nothing exits
+        assert torch.equal(eem.generate(ids, am, max_new_tokens=8, mode=mode).sequences, ref), mode
+    model.config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match=r"^model: attention implementation 'flex_attention' is not supported"):
+        eem.generate(ids, am, max_new_tokens=2)
+    model.config._attn_implementation = "sdpa"  # and back: sdpa masks again
+    assert torch.equal(eem.generate(ids, am, max_new_tokens=8, mode="exact").sequences, ref)
+
+
 def test_exit_mode_turned_off_is_plain_decoding(model, batch):
     """No exit layers (calibration turned early exit off): the whole prompt is prefilled, no exit
     check runs, every token is full depth and equals model.generate, with an end of sequence too."""

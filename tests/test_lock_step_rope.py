@@ -12,6 +12,7 @@ token attends to itself alone: a bug of that version, which the loops do not rep
 NTK oracle is model.generate itself, call after call on a twin model.
 """
 
+import copy
 import inspect
 
 import pytest
@@ -210,3 +211,54 @@ def test_dynamic_ntk_equals_generate_across_calls(mode):
     assert held_lengths == [7 + 12 - 1, 9, 7 + 14 - 1, 9]  # grown by the last call, reset by a short prompt
     # The grown frequencies change the text: the same weights with a plain rotary decode otherwise.
     assert not torch.equal(_reference(same_weights, ids, am, 12), _reference(hf, ids, am, 12))
+
+
+def test_dynamic_tables_are_those_of_each_positions_own_call():
+    # A block of positions whose lock-step lengths differ (a verification block, two rows): each
+    # position's table must be the one of a call of exactly its length, as model.generate computes
+    # it, whatever the other positions' lengths. Oracle: the module's own tables of a whole call of
+    # positions 0..length-1, from its original state (a fresh copy per call).
+    model = tiny_causal_lm("llama", num_layers=2, dynamic_rope_context=8)
+    adapter = EarlyExitLM(model, [1]).adapter
+    rotary_emb = model.model.rotary_emb
+    pristine = copy.deepcopy(rotary_emb)
+    h = torch.zeros(2, 4, 64)
+    pos = torch.tensor([[9, 10, 11, 12], [3, 4, 5, 6]])
+    lengths = torch.tensor([[10, 11, 12, 13], [8, 8, 9, 10]])  # row 1: shorter lengths, one within the context
+    state = _rotary_state(model)
+    cos, sin = adapter.rotary(h, pos, lengths)
+    for r in range(2):
+        for i in range(4):
+            length, p = int(lengths[r, i]), int(pos[r, i])
+            want_cos, want_sin = copy.deepcopy(pristine)(h[:1, :1], torch.arange(length)[None])
+            assert torch.equal(cos[r, i], want_cos[0, p]) and torch.equal(sin[r, i], want_sin[0, p]), (r, i)
+    # Frequencies do differ between those lengths (else the test would be vacuous) ...
+    assert not torch.equal(cos[0, 0], copy.deepcopy(pristine)(h[:1, :1], torch.arange(13)[None])[0][0, 9])
+    # ... and the module is left in its state.
+    after = _rotary_state(model)
+    assert after[0] == state[0] and torch.equal(after[1], state[1])
+
+
+#: Prompts for exact mode on a dynamic NTK Llama with original context 8: one row (the audit's prompt)
+#: and three left-padded rows. Their verification blocks hold positions past the context whose
+#: lock-step lengths differ, which flips tokens if a block's positions all take its longest length.
+DYNAMIC_PROMPTS = {
+    "one-row": (torch.tensor([[79, 114, 88, 104, 51]]), torch.ones(1, 5, dtype=torch.int64)),
+    "batched": left_padded_batch((7, 4, 2)),
+}
+
+
+@pytest.mark.parametrize("policy", [DraftPolicy(2, 0.0, 4), DraftPolicy(4, 0.0, 3)], ids=["E2-n4", "E4-n3"])
+@pytest.mark.parametrize("prompt", list(DYNAMIC_PROMPTS))
+def test_dynamic_ntk_exact_mode_with_drafts_equals_generate(prompt, policy):
+    ids, am = DYNAMIC_PROMPTS[prompt]
+    hf = tiny_causal_lm("llama", num_layers=L, dynamic_rope_context=8)
+    ours = tiny_causal_lm("llama", num_layers=L, dynamic_rope_context=8)
+    ref = _reference(hf, ids, am, 14)
+    eem = EarlyExitLM(ours, [2, 4], threshold=2.0)
+    eem.draft = policy
+    out = eem.generate(ids, am, max_new_tokens=14, eos_token_id=[], mode="exact")
+    assert torch.equal(out.sequences, ref)
+    assert out.stats["draft_rounds"] > 0 and out.stats["mean_block_length"] > 1  # blocks of several positions
+    (held, freq), (ref_held, ref_freq) = _rotary_state(ours), _rotary_state(hf)
+    assert held == ref_held == ids.shape[1] + 14 - 1 and torch.equal(freq, ref_freq)

@@ -96,3 +96,29 @@ def test_bad_filters_name_the_argument():
         eem.generate(ids, am, max_new_tokens=2, do_sample=True)
     eem.generate(ids, am, max_new_tokens=2, do_sample=True, top_p=0.5)  # the call's value replaces the config's
     eem.generate(ids, am, max_new_tokens=2)  # greedy decoding reads no filter
+
+
+def test_unset_top_k_is_model_generates_default():
+    # transformers 5.x's generate fills the fields a generation config leaves unset (None) from
+    # GenerationConfig._get_default_generation_params(), top_k 50 among them (earlier versions store
+    # that 50 in the config itself): an unset top_k is 50, not off. At temperature 50 the tiny model's
+    # distribution over its 300 tokens is nearly flat, so sampling from the whole vocabulary would
+    # put most of 400 draws outside the 50 most likely tokens; with top_k 50 none may fall there.
+    model = tiny_causal_lm("llama", num_layers=6)
+    model.generation_config.top_k = None
+    ids, am = left_padded_batch((4,))
+    with torch.no_grad():
+        top50 = model(ids).logits[0, -1].topk(50).indices
+    many, many_am = ids.repeat(400, 1), am.repeat(400, 1)
+    eem = EarlyExitLM(model, EXITS, threshold=2.0)
+    for mode in ("exit", "exact"):
+        torch.manual_seed(0)
+        out = eem.generate(many, many_am, max_new_tokens=1, mode=mode, do_sample=True, temperature=50.0)
+        assert not torch.isin(out.sequences[:, -1], top50, invert=True).any(), mode
+    torch.manual_seed(0)
+    off = eem.generate(many, many_am, max_new_tokens=1, do_sample=True, temperature=50.0, top_k=0)
+    assert torch.isin(off.sequences[:, -1], top50, invert=True).sum() > 200  # top_k=0 given: off
+    with torch.no_grad():  # model.generate itself keeps the 50 as well
+        torch.manual_seed(0)
+        ref = model.generate(many, attention_mask=many_am, max_new_tokens=1, do_sample=True, temperature=50.0)
+    assert not torch.isin(ref[:, -1], top50, invert=True).any()

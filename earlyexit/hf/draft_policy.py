@@ -26,6 +26,8 @@ starts from what the earlier ones measured instead of from a pessimistic prior.
 
 import collections
 import math
+import numbers
+import operator
 from dataclasses import dataclass
 
 #: Draft thresholds (draft-token probability) the adaptive policy chooses from; 0 never stops early.
@@ -56,12 +58,46 @@ class DraftPolicy:
     threshold: stop drafting at the first draft whose confidence is below it: the min-over-rows
         probability of the draft token (max_prob at E; 0 never stops early), or under
         ``measure="state"`` the min-over-rows cos(h_E, h_(E-1)) (-inf never stops early).
-    max_tokens: most drafts per round (>= 1 when drafting).
+    max_tokens: most drafts per round: an int >= 1 when drafting; with depth None it is not read
+        (any int >= 0).
+
+    The fields are checked when the policy is made (ValueError naming the field; depth and max_tokens
+    take any integer type, stored as int, not a bool; threshold any real number but NaN, stored as
+    float). Whether depth is below the model's L is checked by ``EarlyExitLM.generate``.
     """
 
     depth: int | None = None
     threshold: float = 0.0
     max_tokens: int = 4
+
+    def __post_init__(self):
+        depth = None if self.depth is None else _integer(self.depth, "depth", 1, "None or an int >= 1")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, numbers.Real):
+            raise ValueError(f"DraftPolicy.threshold: expected a real number, got {self.threshold!r}")
+        if math.isnan(self.threshold):  # every comparison with NaN is False: it would silently never stop
+            raise ValueError("DraftPolicy.threshold: expected a real number, not NaN")
+        if depth is None:
+            max_tokens = _integer(self.max_tokens, "max_tokens", 0, "an int >= 0")
+        else:
+            max_tokens = _integer(self.max_tokens, "max_tokens", 1, "an int >= 1 when drafting (depth set)")
+        # Frozen: the normalized values (a numpy int, a numpy float) go in through object.__setattr__.
+        object.__setattr__(self, "depth", depth)
+        object.__setattr__(self, "threshold", float(self.threshold))
+        object.__setattr__(self, "max_tokens", max_tokens)
+
+
+def _integer(value, name, least, expected):
+    """``value`` as an int >= least (any integer type but bool, through operator.index); ValueError naming
+    ``DraftPolicy.<name>`` otherwise."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"DraftPolicy.{name}: expected {expected}, got {value!r}") from None
+    if value < least:
+        raise ValueError(f"DraftPolicy.{name}: expected {expected}, got {value!r}")
+    return value
 
 
 class FixedDraft:

@@ -42,6 +42,7 @@ import numbers
 from collections.abc import Mapping, Sequence
 
 import torch
+import transformers
 
 from earlyexit.hf.draft_policy import AdaptiveDraft, DraftMemory, DraftPolicy, FixedDraft
 from earlyexit.hf.forward import DraftVocab, ExitSpec
@@ -138,7 +139,7 @@ class EarlyExitLM:
             threshold and block length chosen per round from the call's measured costs and
             acceptance, down to plain decoding) or a fixed :class:`~earlyexit.hf.DraftPolicy`
             (``DraftPolicy(None)``: no drafts). See :mod:`earlyexit.hf.draft_policy`.
-        draft_tokens: the most drafts per round under "auto" (default 4; 0 = never draft).
+        draft_tokens: an int >= 0, the most drafts per round under "auto" (default 4; 0 = never draft).
         draft_memory: False (default): "auto" learns within each generate call, from a pessimistic
             prior. True: it keeps what it measured across calls, one policy per batch size (and
             sampling setting: greedy, or each temperature/top-p/top-k/min-p), so a call starts where
@@ -156,6 +157,9 @@ class EarlyExitLM:
         progress: None (default) or a callable called with the number of positions generated so far
             after each one (for progress bars).
         schedule: exit mode's position schedule (None: exit checks), settable.
+
+        Each generate call checks these attributes first (an int for ``draft_tokens``, bools for
+        ``draft_memory`` and ``compaction``, ...) and raises ValueError naming a bad one.
 
     Raises:
         ValueError: unsupported architecture (the message lists the supported ones), exit layers out
@@ -230,14 +234,31 @@ class EarlyExitLM:
         """Forget what the adaptive draft policy learned in earlier calls (see ``draft_memory``)."""
         self._draft_memory.clear()
 
-    def _draft_policy(self, batch, chooser):
-        """The driver of ``self.draft`` for a call of ``batch`` rows choosing tokens by ``chooser``:
-        fresh, or under "auto" with ``draft_memory`` the one remembered for that batch size and
-        sampling setting (ValueError if ``draft`` is neither "auto" nor a valid DraftPolicy, or
-        ``draft_memory`` is not a bool)."""
+    def _check_settings(self):
+        """ValueError naming the attribute for a bad value of a settable attribute read by generate:
+        ``draft`` ("auto" or a :class:`DraftPolicy` whose depth is below L), ``draft_tokens`` (an int >= 0),
+        ``draft_memory`` and ``compaction`` (bools: a string such as "no" would read as true), ``progress``
+        (None or a callable). Checked at the start of every call, whatever the mode."""
         d, L = self.draft, self.num_layers
-        if not isinstance(self.draft_memory, bool):
-            raise ValueError(f"draft_memory: expected True or False, got {self.draft_memory!r}")
+        if not (isinstance(d, str) and d == "auto"):
+            if not isinstance(d, DraftPolicy):
+                raise ValueError(f'draft: expected "auto" or a DraftPolicy, got {d!r}')
+            if d.depth is not None and d.depth >= L:  # DraftPolicy checked the rest when it was made
+                raise ValueError(f"draft: depth must be None or an int in [1, {L}), got {d.depth!r}")
+        tokens = self.draft_tokens
+        if isinstance(tokens, bool) or not isinstance(tokens, numbers.Integral) or tokens < 0:
+            raise ValueError(f"draft_tokens: expected an int >= 0 (0: never draft), got {tokens!r}")
+        for name in ("draft_memory", "compaction"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
+        if self.progress is not None and not callable(self.progress):
+            raise ValueError(f"progress: expected None or a callable, got {self.progress!r}")
+
+    def _draft_policy(self, batch, chooser):
+        """The driver of ``self.draft`` (checked by :meth:`_check_settings`) for a call of ``batch`` rows
+        choosing tokens by ``chooser``: fresh, or under "auto" with ``draft_memory`` the one remembered for
+        that batch size and sampling setting."""
+        d, L = self.draft, self.num_layers
         if isinstance(d, str) and d == "auto":
             tokens = int(self.draft_tokens)
 
@@ -260,12 +281,6 @@ class EarlyExitLM:
             c = chooser
             sampling = (c.temperature, c.top_p, c.top_k, c.min_p) if c.do_sample else None
             return self._draft_memory.policy(config, (batch, sampling), make, keep=objects)
-        if not isinstance(d, DraftPolicy):
-            raise ValueError(f'draft: expected "auto" or a DraftPolicy, got {d!r}')
-        if d.depth is not None and not (isinstance(d.depth, int) and 1 <= d.depth < L):
-            raise ValueError(f"draft: depth must be None or an int in [1, {L}), got {d.depth!r}")
-        if d.depth is not None and not (isinstance(d.max_tokens, int) and d.max_tokens >= 1):
-            raise ValueError(f"draft: max_tokens must be an int >= 1 when drafting, got {d.max_tokens!r}")
         return FixedDraft(d)
 
     def _vocab_size(self):
@@ -292,14 +307,19 @@ class EarlyExitLM:
         return eos, pad
 
     def _chooser(self, do_sample, **filters):
-        """The :class:`TokenChooser` of a call: each filter given, else the generation config's, else off;
-        ValueError naming the argument (or generation_config.<name>) for a bad value."""
+        """The :class:`TokenChooser` of a call. When sampling, each filter is the call's, else the generation
+        config's, else (unset there) the value model.generate fills in (:func:`_generation_defaults`:
+        top_k 50 in transformers 5.x), else off; greedy decoding reads the call's only. ValueError naming
+        the argument (or generation_config.<name>) for a bad value."""
         gen = getattr(self.model, "generation_config", None)
+        defaults = _generation_defaults(gen) if do_sample else {}
         values = {}
         for name, value in filters.items():
             source = name
             if value is None and do_sample:  # greedy decoding reads no filter: a config's odd value is harmless
                 value, source = getattr(gen, name, None), f"generation_config.{name}"
+                if value is None:
+                    value = defaults.get(name)
             if value is None:
                 value = _SAMPLING_OFF[name]
             check, expected = _SAMPLING_CHECKS[name]
@@ -307,6 +327,43 @@ class EarlyExitLM:
                 raise ValueError(f"{source}: expected {expected}, got {value!r}")
             values[name] = int(value) if name == "top_k" else float(value)
         return TokenChooser(do_sample, **values)
+
+    def _check_generation_config(self, do_sample, width, has_eos):
+        """ValueError naming ``generation_config.<field>`` for a setting of the model's generation config
+        that model.generate would apply and EarlyExitLM does not (:data:`_NOT_APPLIED`; when sampling,
+        :data:`_NOT_APPLIED_SAMPLING` too): exact mode would silently differ from model.generate.
+
+        An unset field (None) is inactive: model.generate fills it with transformers' default, the inactive
+        value. ``width`` (T of input_ids) and ``has_eos`` (the call has an end-of-sequence id) decide the
+        fields whose effect depends on the call, as in model.generate: ``min_length`` counts the prompt's
+        T (padding included) and, like ``min_new_tokens``, only holds back the end of sequence;
+        ``forced_bos_token_id`` forces the first token of a one-token input only. ``max_length`` is not
+        read: ``max_new_tokens``, which every call gives, takes precedence in model.generate too.
+        """
+        gen = getattr(self.model, "generation_config", None)
+        if gen is None:
+            return
+        fields = {**_NOT_APPLIED, **(_NOT_APPLIED_SAMPLING if do_sample else {})}
+        min_new_tokens = getattr(gen, "min_new_tokens", None)
+        call = {
+            # model.generate replaces min_length by T + min_new_tokens when min_new_tokens is set.
+            "min_length": lambda v: has_eos and min_new_tokens is None and v > width,
+            "min_new_tokens": lambda v: has_eos and v > 0,
+            "forced_bos_token_id": lambda v: width == 1,
+        }
+        for name, (off, active) in fields.items():
+            value = getattr(gen, name, None)
+            if value is None:
+                continue
+            try:
+                applied = call[name](value) if name in call else active(value)
+            except TypeError:  # a value of another type than transformers takes: not inactive either
+                applied = True
+            if applied:
+                raise ValueError(
+                    f"generation_config.{name}: model.generate applies {value!r}, EarlyExitLM does not; set "
+                    f"model.generation_config.{name} = {off!r} (its default) to turn it off"
+                )
 
     def _schedule_depths(self, schedule, mode, max_new_tokens):
         """Exit mode's layers per position for this call (a list of ints), or None for exit checks.
@@ -351,13 +408,14 @@ class EarlyExitLM:
                 ``model.generate`` greedy token for token, or follows its distribution when sampling).
             eos_token_id: int or list of ints in [0, V); None uses the model's generation config; ``[]``
                 means no end of sequence (even when the generation config has one). Rows stop there.
-            do_sample: sample instead of greedy decoding (greedy by default; unlike ``model.generate``,
-                the generation config's ``do_sample`` is not read).
+            do_sample: True or False (a bool): sample instead of greedy decoding (greedy by default;
+                unlike ``model.generate``, the generation config's ``do_sample`` is not read).
             temperature, top_p, top_k, min_p: the sampling filters of ``model.generate(do_sample=True)``,
                 in its order (:class:`~earlyexit.hf.sampling.TokenChooser`); None takes the model's
-                generation config's value, as ``model.generate`` does, and off (1.0, 1.0, 0, 0.0) where
-                it has none. temperature > 0, top_p in (0, 1], top_k an int >= 0 (0: off), min_p in
-                [0, 1]: a value given is checked whether sampling or not, the config's when sampling.
+                generation config's value, and where the config leaves it unset the value
+                ``model.generate`` fills in (transformers 5.x: top_k 50, temperature 1.0, top_p 1.0; min_p
+                off). temperature > 0, top_p in (0, 1], top_k an int >= 0 (0: off), min_p in [0, 1]: a
+                value given is checked whether sampling or not, the config's when sampling.
             schedule: a position schedule for this call (as the constructor's ``schedule``; None:
                 ``self.schedule``), exit mode only. Position t of the call runs ``schedule(t)`` decoder
                 layers in every row (checked over the call's positions: ints in [1, L], non-increasing),
@@ -370,8 +428,15 @@ class EarlyExitLM:
 
         Raises:
             ValueError: bad shapes or arguments (input_ids/attention_mask mismatch, token ids of
-                input_ids or eos_token_id outside the vocabulary [0, V), unknown mode, a schedule
-                with a value outside [1, L] or not an int, an increasing one, one given to exact mode, ...).
+                input_ids or eos_token_id outside the vocabulary [0, V), unknown mode, a do_sample that
+                is not a bool, a schedule with a value outside [1, L] or not an int, an increasing one,
+                one given to exact mode, ...); a bad attribute (``draft``, ``draft_tokens``,
+                ``draft_memory``, ``compaction``, ``progress``: :meth:`_check_settings`); an attention
+                implementation the model was switched to that is not supported; a setting of the model's
+                generation config that ``model.generate`` would apply and EarlyExitLM does not
+                (repetition_penalty, suppress_tokens, bad_words_ids, min_new_tokens, forced_eos_token_id,
+                no_repeat_ngram_size, ..., and when sampling typical_p, epsilon_cutoff, eta_cutoff:
+                :meth:`_check_generation_config`), naming ``generation_config.<field>`` and its default.
         """
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids: expected an int64 tensor [B, T] with T >= 1, got {_describe(input_ids)}")
@@ -395,10 +460,17 @@ class EarlyExitLM:
             raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        if not isinstance(do_sample, bool):  # a string such as "False" would read as true
+            raise ValueError(f"do_sample: expected True or False, got {do_sample!r}")
+        self._check_settings()
+        # The model's attention implementation may have changed since it was wrapped: checked before any
+        # work, ValueError for one the masks do not serve (the masks follow it: ModelAdapter.attn_impl).
+        self.adapter.attn_impl  # noqa: B018
         chooser = self._chooser(do_sample, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
         depths = self._schedule_depths(schedule, mode, max_new_tokens)
         device = self.adapter.device
         eos, pad = self._special_tokens(eos_token_id)
+        self._check_generation_config(do_sample, input_ids.shape[1], eos is not None)
         return generate(
             self.adapter,
             self._spec(),
@@ -415,8 +487,71 @@ class EarlyExitLM:
         )
 
 
-#: Each sampling filter's value when neither the call nor the generation config sets it: off.
+#: Each sampling filter's off value: greedy decoding's, and sampling's where neither the call, the
+#: generation config nor transformers' defaults (:func:`_generation_defaults`) set it (min_p).
 _SAMPLING_OFF = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
+
+
+def _generation_defaults(gen):
+    """The values model.generate gives the generation-config fields that ``gen`` leaves unset (None): a dict.
+
+    transformers 5.x fills them from ``GenerationConfig._get_default_generation_params()`` (top_k 50,
+    temperature 1.0, typical_p 1.0, ...; the same table in 5.17 and 5.25); earlier versions set those
+    defaults in the config itself, so no field is unset there ({}).
+    """
+    source = transformers.GenerationConfig if gen is None else gen
+    get = getattr(source, "_get_default_generation_params", None)
+    return dict(get()) if callable(get) else {}
+
+
+def _given(value):
+    """A field holding a value: anything but an empty container (an empty token list changes nothing)."""
+    return not (isinstance(value, (Sequence, Mapping, set, frozenset)) and len(value) == 0)
+
+
+def _always(value):
+    """A field that model.generate applies whenever it is set (not None)."""
+    return True
+
+
+#: Fields of model.generation_config that model.generate turns into logits processors or stopping
+#: criteria (transformers 5.17-5.25, generation/utils.py: ``_get_logits_processor``,
+#: ``_get_stopping_criteria``) or into a search other than one greedy or sampled sequence per row, and that
+#: EarlyExitLM does not apply: name -> (the inactive default, whether a set value (not None) is applied).
+#: The encoder_* ones apply to a decoder-only model too (to the prompt's tokens). renormalize_logits is
+#: not here: a log-softmax after the processors changes neither the argmax nor the sampled distribution.
+#: min_length, min_new_tokens and forced_bos_token_id depend on the call
+#: (:meth:`EarlyExitLM._check_generation_config`); None is inactive for all of them.
+_NOT_APPLIED = {
+    "repetition_penalty": (1.0, lambda v: v != 1.0),
+    "encoder_repetition_penalty": (1.0, lambda v: v != 1.0),
+    "no_repeat_ngram_size": (0, lambda v: v > 0),
+    "encoder_no_repeat_ngram_size": (0, lambda v: v > 0),
+    "bad_words_ids": (None, _given),
+    "sequence_bias": (None, _given),
+    "suppress_tokens": (None, _given),
+    "begin_suppress_tokens": (None, _given),
+    "min_length": (0, None),
+    "min_new_tokens": (None, None),
+    "forced_bos_token_id": (None, None),
+    "forced_eos_token_id": (None, _always),
+    "exponential_decay_length_penalty": (None, _always),
+    "remove_invalid_values": (False, lambda v: v is True),
+    "guidance_scale": (None, lambda v: v != 1),
+    "watermarking_config": (None, _always),
+    "max_time": (None, _always),
+    "stop_strings": (None, _given),
+    "num_beams": (1, lambda v: v > 1),
+    "num_return_sequences": (1, lambda v: v > 1),
+}
+#: The same for the warpers model.generate adds only when sampling (beside temperature, top_k, top_p and
+#: min_p, which EarlyExitLM applies).
+_NOT_APPLIED_SAMPLING = {
+    "typical_p": (1.0, lambda v: v < 1.0),
+    "epsilon_cutoff": (0.0, lambda v: 0.0 < v < 1.0),
+    "eta_cutoff": (0.0, lambda v: 0.0 < v < 1.0),
+    "top_h": (None, _always),
+}
 #: (check, what it expects) per sampling filter.
 _SAMPLING_CHECKS = {
     "temperature": (lambda v: v > 0 and math.isfinite(v), "a finite value > 0"),

@@ -68,6 +68,20 @@ def exit_head_args(model):
     )
 
 
+def _masked_attention(family, config):
+    """config's attention implementation ("eager" or "sdpa"), checked: the family must run it and it must take
+    the explicit 4-D masks built in attention_mask.py; ValueError naming the model otherwise."""
+    attn_impl = getattr(config, "_attn_implementation", None) or "eager"
+    if attn_impl not in _MASKED_ATTENTION or attn_impl not in family.attention:
+        allowed = " or ".join(repr(a) for a in family.attention if a in _MASKED_ATTENTION)
+        raise ValueError(
+            f"model: attention implementation {attn_impl!r} is not supported for {family.causal_lm} "
+            f"(explicit 4-D masks are needed); load the model with attn_implementation={allowed}, or call "
+            f"model.set_attn_implementation({allowed.split(' or ')[0]})"
+        )
+    return attn_impl
+
+
 def _logit_transforms(family, config):
     """(softcap float or None, temperature float) of the family's final logits, read from its config."""
     softcap = getattr(config, family.final_softcap, None) if family.final_softcap else None
@@ -95,19 +109,12 @@ class ModelAdapter:
     def __init__(self, model):
         family = family_of(model)
         config = model.config
-        attn_impl = getattr(config, "_attn_implementation", None) or "eager"
-        if attn_impl not in _MASKED_ATTENTION or attn_impl not in family.attention:
-            allowed = " or ".join(repr(a) for a in family.attention if a in _MASKED_ATTENTION)
-            raise ValueError(
-                f"model: attention implementation {attn_impl!r} is not supported for {family.causal_lm} "
-                f"(explicit 4-D masks are needed); load the model with attn_implementation={allowed}"
-            )
+        _masked_attention(family, config)
         if getattr(config, "use_bidirectional_attention", False):
             raise ValueError("model: bidirectional attention (use_bidirectional_attention) is not causal decoding")
         self.model = model
         self.config = config
         self.family = family
-        self.attn_impl = attn_impl
         self.layers = model.model.layers
         self.num_layers = len(self.layers)
         attn = self.layers[0].self_attn
@@ -162,6 +169,17 @@ class ModelAdapter:
                 return name
         raise ValueError(f"model: cannot find the cache argument of {type(layer).__name__}.forward")
 
+    @property
+    def attn_impl(self):
+        """The model's attention implementation now, "eager" or "sdpa": the kind of mask to build.
+
+        Read from the model's config at each use, not once when wrapping: the decoder layers dispatch on
+        the config's value at each call, and ``model.set_attn_implementation`` may change it after the
+        model was wrapped (an sdpa boolean mask added to eager scores would be wrong). ValueError, as at
+        construction, for an implementation that explicit 4-D masks do not serve.
+        """
+        return _masked_attention(self.family, self.model.config)
+
     # ------------------------------------------------------------------ shapes and dtypes
     @property
     def device(self):
@@ -202,8 +220,9 @@ class ModelAdapter:
         settings per layer type the widths of every type in :attr:`rotary_types` concatenated.
         lengths: None (the rotary module's own frequencies for the call), or for a longrope or dynamic
         NTK rotary (:attr:`lock_step_rope_type`) int64 [N, q], the call length whose frequencies each
-        position takes (:meth:`LockStepRope.lengths <earlyexit.hf.lock_step_rope.LockStepRope.lengths>`),
-        each table computed by the module itself; a dynamic module's state is left as it was.
+        position takes (:meth:`LockStepRope.lengths <earlyexit.hf.lock_step_rope.LockStepRope.lengths>`;
+        each at least its position + 1), each table computed by the module itself, in a call of exactly
+        that length; a dynamic module's state is left as it was.
         """
         rotary_emb = self.model.model.rotary_emb
         if lengths is not None:
@@ -229,23 +248,27 @@ class ModelAdapter:
         return tuple(torch.where(pick, lt, st) for lt, st in zip(long_tables, short))
 
     def _dynamic_tables(self, rotary_emb, hidden, position_ids, lengths):
-        # Per distinct length, the module's own update from its original state (frequencies grown to
-        # that length past C, its original ones within C), through a call whose last position is
-        # length - 1; the module's state is put back after each.
+        # model.generate computes a position's table in the call that processes it, and the module sets
+        # its frequencies from that call's length, max(position_ids) + 1 (grown to it past C, its original
+        # ones within C). So per distinct length: the module's own update from its original state, in a
+        # call whose length is exactly that one. The call holds the positions of that length (each below
+        # it: lengths >= position + 1) with every other position of the block put at 0, which would
+        # otherwise lengthen the call to the block's longest length, plus a last position length - 1.
+        # The module's state is put back after each call.
         cos = sin = None
         for length in lengths.unique().tolist():
+            pick = lengths == length
             state = (rotary_emb.max_seq_len_cached, rotary_emb.inv_freq, rotary_emb.attention_scaling)
             rotary_emb.max_seq_len_cached = rotary_emb.original_max_seq_len
             rotary_emb.inv_freq = rotary_emb.original_inv_freq.clone()
             try:
-                c, s = _with_last_position(rotary_emb, hidden, position_ids, length - 1)
+                c, s = _with_last_position(rotary_emb, hidden, torch.where(pick, position_ids, 0), length - 1)
             finally:
                 rotary_emb.max_seq_len_cached, rotary_emb.inv_freq, rotary_emb.attention_scaling = state
-            if cos is None:
+            if cos is None:  # the first length's tables, overwritten below at every other length's positions
                 cos, sin = c, s
             else:
-                pick = (lengths == length)[..., None]
-                cos, sin = torch.where(pick, c, cos), torch.where(pick, s, sin)
+                cos, sin = torch.where(pick[..., None], c, cos), torch.where(pick[..., None], s, sin)
         return cos, sin
 
     def lock_step_call(self, length):
