@@ -76,6 +76,8 @@ def measure(n, d, device, env, copy_gbps, bandwidth_row, quick):
     for op, provider, fn in providers(device, keep, tensors, quick):
         ms = time_fn(fn, device, cuda_graph=provider.endswith("-graph"))
         rows.append(dict(op=op, N=n, provider=provider, us=ms * 1e3, GBps=nbytes[op] / ms / 1e6, **env))
+        # Each number as it is measured: a run cut short by a time limit keeps what it had.
+        print(f"  {op} N={n} {provider}: {ms * 1e3:.2f} us", flush=True)
     for r in rows:
         base = next(x for x in rows if x["op"] == r["op"] and x["provider"] == "torch")
         r["speedup_vs_torch"] = base["us"] / r["us"]

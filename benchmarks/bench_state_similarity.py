@@ -57,6 +57,8 @@ def measure(n, d, dtype, device, env):
     for provider, fn in providers(device, h, p):
         ms = time_fn(fn, device)
         rows.append(dict(dtype=str(dtype).split(".")[-1], d=d, N=n, provider=provider, us=ms * 1e3, **env))
+        # Each number as it is measured: a run cut short by a time limit keeps what it had.
+        print(f"  {rows[-1]['dtype']} d={d} N={n} {provider}: {ms * 1e3:.2f} us", flush=True)
     base = next(r for r in rows if r["provider"] == "F.cosine")["us"]
     ref = next(r for r in rows if r["provider"] == "ee-torch")["us"]
     for r in rows:

@@ -135,8 +135,10 @@ def test_sanitizers_filter_to_our_kernels_and_ncu_writes_a_report(tmp_path):
                 triton_kernels |= set(re.findall(r"@triton\.jit\ndef (\w+_kernel)\(", f.read()))
     assert len(triton_kernels) >= 5, triton_kernels
     for c in sanitizer:
-        listed = re.search(r"--kernel-regex (\S+)", c).group(1).split("|")
-        assert "kns=earlyexit" in listed and triton_kernels <= set(listed), (c, triton_kernels)
+        # One plain-substring filter per kernel: kns= takes no alternation, so "a|b" would match nothing.
+        listed = set(re.findall(r"--kernel-name kns=(\S+)", c))
+        assert "earlyexit" in listed and triton_kernels <= listed, (c, triton_kernels)
+        assert not any("|" in k for k in listed), c
         assert c.endswith("benchmarks/sanitize_cuda.py"), c
     ncu = [c for c in calls if c.startswith("ncu ") and "ncu_exit_check.py" in c]
     assert len(ncu) == 1 and " -o " in ncu[0] and "--clock-control none" in ncu[0]
@@ -144,6 +146,10 @@ def test_sanitizers_filter_to_our_kernels_and_ncu_writes_a_report(tmp_path):
     assert any("--import" in c for c in calls if c.startswith("ncu "))
     pytest_calls = [c for c in calls if "pytest" in c and "-m gpu" in c]
     assert pytest_calls and "faulthandler_timeout" in pytest_calls[0] and " -v " in pytest_calls[0]
+    # Every test file once, the exit check's suite first (a time limit cuts the last ones).
+    files = re.findall(r"tests/test_\w+\.py", pytest_calls[0])
+    every = sorted(f"tests/{n}" for n in os.listdir(os.path.join(ROOT, "tests")) if re.fullmatch(r"test_\w+\.py", n))
+    assert sorted(files) == every and files[0] == "tests/test_exit_check.py", files
 
 
 @needs_tools
